@@ -1,0 +1,52 @@
+# flashavatar: the two commands a newcomer needs are `make demo` and `make test`.
+# Both create .venv, install torch and the package (built against that torch, --no-build-isolation) and run.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.14.1
+
+# CUDA toolkit root (the folder above nvcc's bin/); torch guesses it wrong otherwise.
+NVCC := $(shell command -v nvcc 2>/dev/null)
+ifneq ($(NVCC),)
+export CUDA_HOME ?= $(abspath $(dir $(realpath $(NVCC)))..)
+endif
+# Without a GPU torch would compile for every architecture: default to Hopper (sm_90) there.
+ifeq ($(shell nvidia-smi -L 2>/dev/null),)
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+endif
+
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+
+.PHONY: setup build test test-gpu demo bench clean
+
+setup: $(VENV)/.deps
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel ninja
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q numpy scipy pyyaml tqdm "imageio>=2.30" imageio-ffmpeg pillow plyfile \
+	    pytest pytest-benchmark pot
+	touch $@
+
+# Editable install (entry point `flashavatar`) + in-place build of flashavatar._C; rebuilt when csrc/ changes.
+build: $(VENV)/.built
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m flashavatar.cli demo
+
+bench: build
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf build flashavatar/_C*.so *.egg-info $(VENV)/.built

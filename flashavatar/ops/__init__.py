@@ -1,0 +1,7 @@
+"""Differentiable operators: Gaussian rasterisation, Earth Mover's distance, Gaussian 2-Wasserstein.
+
+Thin autograd wrappers over the dispatcher ops registered by ``flashavatar._C``; ``reference`` holds the
+pure-PyTorch versions that tests (and readers) trust.
+"""
+
+from ._ext import available, cuda_compiled  # noqa: F401

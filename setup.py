@@ -1,0 +1,75 @@
+"""Build flashavatar's one compiled extension, ``flashavatar._C``, from ``csrc/``.
+
+CUDA sources are compiled when ``nvcc`` is found (``CUDA_HOME`` or the PATH) or ``FORCE_CUDA=1``; never by
+probing for a GPU, so a machine without one (CI) still compiles the kernels. ``FORCE_CUDA=0`` builds the CPU
+ops only. Honoured: ``MAX_JOBS`` (parallel compile jobs), ``TORCH_CUDA_ARCH_LIST`` (GPU architectures, e.g.
+``9.0``), ``DEBUG=1`` (``-O0 -g``, plus ``-lineinfo`` for CUDA).
+
+Install with ``pip install --no-build-isolation -e .`` so the extension is built against *your* torch.
+"""
+
+import glob
+import os
+import shutil
+import sys
+from collections import Counter
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_wanted():
+    force = os.environ.get("FORCE_CUDA")
+    if force is not None and force.strip() not in ("", "1"):
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    has_nvcc = CUDA_HOME is not None or shutil.which("nvcc") is not None
+    if force == "1" and not has_nvcc:
+        sys.exit("flashavatar setup: FORCE_CUDA=1 but nvcc was not found; set CUDA_HOME to the toolkit root")
+    return has_nvcc
+
+
+def get_extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    with_cuda = _cuda_wanted()
+    csrc = os.path.join("csrc")
+    sources = sorted(glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True))
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True))
+    # setuptools puts every object in one folder: two sources with one stem would overwrite each other.
+    stems = Counter(os.path.splitext(os.path.basename(s))[0] for s in sources)
+    clash = [s for s, n in stems.items() if n > 1]
+    if clash:
+        sys.exit(f"flashavatar setup: source files share a stem {clash}; rename one of them")
+
+    debug = os.environ.get("DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = list(opt)  # the C++ standard comes from torch (C++17 or C++20 by version)
+    nvcc_flags = opt + ["--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
+    if debug:
+        nvcc_flags.append("-lineinfo")
+    define_macros = [("WITH_CUDA", None)] if with_cuda else []
+    kwargs = dict(
+        name="flashavatar._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
+    )
+    ext = CUDAExtension(**kwargs) if with_cuda else CppExtension(**kwargs)
+    print(f"flashavatar setup: building {'CUDA + CPU' if with_cuda else 'CPU-only'} extension "
+          f"from {len(sources)} sources", file=sys.stderr)
+    return [ext]
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(ext_modules=get_extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+
+
+if __name__ == "__main__":
+    main()
