@@ -34,8 +34,11 @@ $(VENV)/.deps: pyproject.toml
 # Editable install (entry point `flashavatar`) + in-place build of flashavatar._C; rebuilt when csrc/ changes.
 build: $(VENV)/.built
 
-$(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+$(VENV)/.installed: $(VENV)/.deps pyproject.toml
+	FLASHAVATAR_SKIP_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
@@ -49,4 +52,4 @@ bench: build
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf build flashavatar/_C*.so *.egg-info $(VENV)/.built
+	rm -rf build flashavatar/_C*.so *.egg-info $(VENV)/.built $(VENV)/.installed

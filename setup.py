@@ -68,7 +68,10 @@ def get_extensions():
 def main():
     from torch.utils.cpp_extension import BuildExtension
 
-    setup(ext_modules=get_extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+    # The Makefile registers the package with FLASHAVATAR_SKIP_EXT=1 and then builds the extension in place
+    # with `setup.py build_ext --inplace`, which is incremental (ninja), unlike pip's fresh build folder.
+    skip = os.environ.get("FLASHAVATAR_SKIP_EXT") == "1"
+    setup(ext_modules=[] if skip else get_extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
 
 
 if __name__ == "__main__":
