@@ -7,11 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1
 
-# CUDA toolkit root (the folder above nvcc's bin/); torch guesses it wrong otherwise.
-NVCC := $(shell command -v nvcc 2>/dev/null)
-ifneq ($(NVCC),)
-export CUDA_HOME ?= $(abspath $(dir $(realpath $(NVCC)))..)
-endif
+# CUDA_HOME (the toolkit root) is found by setup.py from nvcc itself when it is not set.
 # Without a GPU torch would compile for every architecture: default to Hopper (sm_90) there.
 ifeq ($(shell nvidia-smi -L 2>/dev/null),)
 export TORCH_CUDA_ARCH_LIST ?= 9.0

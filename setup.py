@@ -11,6 +11,7 @@ Install with ``pip install --no-build-isolation -e .`` so the extension is built
 import glob
 import os
 import shutil
+import subprocess
 import sys
 from collections import Counter
 
@@ -19,19 +20,43 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _find_cuda_home():
+    """The CUDA toolkit root (the folder above nvcc's bin/), or None.
+
+    torch guesses ``dirname(dirname(which nvcc))``, which is wrong when ``nvcc`` on the PATH is a wrapper script
+    (e.g. /usr/local/bin/nvcc -> /usr/local). Ask nvcc itself where it lives instead.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+            for line in (out.stdout + out.stderr).splitlines():
+                if line.startswith("#$ TOP="):
+                    return os.path.realpath(line.split("=", 1)[1].strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+
+
 def _cuda_wanted():
     force = os.environ.get("FORCE_CUDA")
     if force is not None and force.strip() not in ("", "1"):
         return False
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    has_nvcc = CUDA_HOME is not None or shutil.which("nvcc") is not None
+    has_nvcc = _find_cuda_home() is not None
     if force == "1" and not has_nvcc:
         sys.exit("flashavatar setup: FORCE_CUDA=1 but nvcc was not found; set CUDA_HOME to the toolkit root")
     return has_nvcc
 
 
 def get_extensions():
+    cuda_home = _find_cuda_home()
+    if cuda_home and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     with_cuda = _cuda_wanted()
@@ -66,12 +91,13 @@ def get_extensions():
 
 
 def main():
-    from torch.utils.cpp_extension import BuildExtension
-
     # The Makefile registers the package with FLASHAVATAR_SKIP_EXT=1 and then builds the extension in place
     # with `setup.py build_ext --inplace`, which is incremental (ninja), unlike pip's fresh build folder.
     skip = os.environ.get("FLASHAVATAR_SKIP_EXT") == "1"
-    setup(ext_modules=[] if skip else get_extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+    ext_modules = [] if skip else get_extensions()  # first: it sets CUDA_HOME before torch reads it
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
 
 
 if __name__ == "__main__":
