@@ -268,7 +268,8 @@ def _expected_count(info: V.VideoInfo, fps, start, end, max_frames) -> int | Non
 
 
 def run_face_parser(subject: str | os.PathLike, weights: str | os.PathLike, *, device: str = "cpu",
-                    batch_size: int = 8, overwrite: bool = False, progress: bool = True) -> int:
+                    batch_size: int = 8, input_size: int = 512, overwrite: bool = False,
+                    progress: bool = True) -> int:
     """Label maps for every frame in ``subject/imgs`` -> ``subject/labels/NNNNN.png``; returns how many were
     computed (frames that already have one are skipped unless ``overwrite``)."""
     from flashavatar.data.face_parsing import load_face_parser, parse_faces
@@ -284,7 +285,7 @@ def run_face_parser(subject: str | os.PathLike, weights: str | os.PathLike, *, d
     for i in range(0, len(todo), max(1, batch_size)):
         chunk = todo[i:i + max(1, batch_size)]
         images = np.stack([_read_rgb(p) for _, p in chunk])
-        for (k, _), labels in zip(chunk, parse_faces(net, images)):
+        for (k, _), labels in zip(chunk, parse_faces(net, images, input_size=input_size)):
             M.write_png(subject / "labels" / f"{k:05d}.png", labels)
         bar.update(len(chunk))
     bar.close()

@@ -219,12 +219,22 @@ def load_tracker_bbox(path: str | os.PathLike) -> CropBox:
     return CropBox(x_min, y_min, x_max, y_max, mode="tracker", source=f"tracker:{path}")
 
 
+def numpy_safe_globals() -> list:
+    """What ``torch.load(weights_only=True)`` must allow to read pickled numpy arrays and scalars (the
+    contents of metrical-tracker's ``bbox.pt`` and ``.frame`` files) and nothing else, so no code in the
+    file can run. Covers files written under NumPy 1 (``numpy.core``) and NumPy 2 (``numpy._core``)."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # type: ignore[attr-defined]
+    allowed: list = [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype]
+    allowed += [(multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+                (multiarray.scalar, "numpy.core.multiarray.scalar")]
+    allowed += [type(np.dtype(t)) for t in ("bool", "uint8", "int32", "int64", "float16", "float32", "float64")]
+    return allowed
+
+
 def _load_pickled_array(path: Path) -> np.ndarray:
     import torch
 
-    allowed = [np.ndarray, np.dtype, np.core.multiarray._reconstruct]  # type: ignore[attr-defined]
-    allowed += [type(np.dtype(t)) for t in ("int64", "int32", "float32", "float64")]
-    with torch.serialization.safe_globals(allowed):
+    with torch.serialization.safe_globals(numpy_safe_globals()):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, torch.Tensor):
         obj = obj.numpy()

@@ -1,0 +1,190 @@
+"""``flashavatar validate``: every kind of bad data is caught and the file at fault is named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flashavatar import cli
+from flashavatar import validate as VAL
+from flashavatar.data import masks as M
+
+N = 6
+SIZE = (32, 40)  # (h, w): non-square on purpose
+
+
+def tracker_frame(k, size=SIZE):
+    """A metrical-tracker style nested dict with the SPEC §1 keys and shapes."""
+    h, w = size
+    K = np.array([[[50.0, 0, w / 2], [0, 50.0, h / 2], [0, 0, 1]]], np.float32)
+    return {
+        "flame": {"exp": np.zeros((1, 100), np.float32), "shape": np.zeros((1, 300), np.float32),
+                  "jaw": np.array([[1, 0, 0, 0, 1, 0]], np.float32),
+                  "eyes": np.tile(np.array([[1, 0, 0, 0, 1, 0]], np.float32), (1, 2)),
+                  "eyelids": np.zeros((1, 2), np.float32), "tex": np.zeros((1, 50), np.float32),
+                  "sh": np.zeros((1, 9, 3), np.float32)},
+        "camera": {"R": np.zeros((1, 6), np.float32)},
+        "opencv": {"R": np.eye(3, dtype=np.float32)[None], "t": np.array([[0, 0, 1]], np.float32), "K": K},
+        "img_size": np.array([h, w]), "frame_id": k, "global_step": np.int64(10 * k),
+    }
+
+
+def make_subject(root, n=N, size=SIZE):
+    data, tracker = root / "data", root / "tracker"
+    h, w = size
+    head = np.zeros((h, w), np.uint8)
+    head[4:28, 8:32] = 255
+    mouth = np.zeros((h, w), np.uint8)
+    mouth[18:22, 16:24] = 255
+    for k in range(1, n + 1):
+        M.write_jpg(data / "s" / "imgs" / f"{k:05d}.jpg", np.full((h, w, 3), 90, np.uint8))
+        M.write_jpg(data / "s" / "alpha" / f"{k:05d}.jpg", head)
+        M.write_png(data / "s" / "parsing" / f"{k:05d}_neckhead.png", head)
+        M.write_png(data / "s" / "parsing" / f"{k:05d}_mouth.png", mouth if k % 2 else np.zeros_like(mouth))
+        (tracker / "s" / "checkpoint").mkdir(parents=True, exist_ok=True)
+        torch.save(tracker_frame(k - 1, size), tracker / "s" / "checkpoint" / f"{k - 1:05d}.frame")
+    return data, tracker
+
+
+def check(root, **kw):
+    kw.setdefault("test_frames", 2)
+    return VAL.validate_subject(root / "data", root / "tracker", "s", **kw)
+
+
+def errors_about(report, fragment):
+    return [f for f in report.errors if fragment in f.path]
+
+
+def test_valid_subject_passes(tmp_path):
+    make_subject(tmp_path)
+    report = check(tmp_path)
+    assert report.ok, report.format()
+    assert not report.findings, report.format()
+    text = report.format()
+    assert "frames: 6 (00001…00006)" in text and "4 train / 2 test" in text
+    assert "32x40" in text and "inner mouth visible in 3 frames" in text
+    assert "neckhead mask coverage: mean 0.450" in text  # 24 x 24 of 32 x 40
+
+
+def test_deleted_frame_is_named(tmp_path):
+    make_subject(tmp_path)
+    (tmp_path / "data" / "s" / "imgs" / "00003.jpg").unlink()
+    report = check(tmp_path)
+    assert not report.ok
+    found = errors_about(report, "00003.jpg")
+    assert found and "missing" in found[0].message, report.format()
+    # its tracker file is now unpaired: a warning, not an error
+    assert any("00002.frame" in w.message for w in report.warnings), report.format()
+
+
+def test_wrong_size_image_is_named(tmp_path):
+    make_subject(tmp_path)
+    M.write_jpg(tmp_path / "data" / "s" / "imgs" / "00004.jpg", np.zeros((30, 40, 3), np.uint8))
+    report = check(tmp_path)
+    assert not report.ok
+    found = errors_about(report, "imgs/00004.jpg")
+    assert len(found) == 1 and "30x40" in found[0].message and "32x40" in found[0].message, report.format()
+    # without tracker files the majority size... the first frame's size is the reference
+    report = VAL.validate_subject(tmp_path / "data", None, "s", test_frames=2)
+    assert errors_about(report, "imgs/00004.jpg"), report.format()
+    # a mask whose size differs from its frame is named too
+    M.write_png(tmp_path / "data" / "s" / "parsing" / "00002_mouth.png", np.zeros((16, 16), np.uint8))
+    assert errors_about(check(tmp_path), "00002_mouth.png")
+
+
+def test_tracker_file_with_missing_key_is_named(tmp_path):
+    make_subject(tmp_path)
+    frame = tracker_frame(4)
+    del frame["flame"]["jaw"]
+    torch.save(frame, tmp_path / "tracker" / "s" / "checkpoint" / "00004.frame")
+    report = check(tmp_path)
+    assert not report.ok
+    found = errors_about(report, "00004.frame")
+    assert len(found) == 1 and "missing key 'flame.jaw'" in found[0].message, report.format()
+
+
+def test_tracker_shape_value_and_size_problems(tmp_path):
+    make_subject(tmp_path)
+    checkpoint = tmp_path / "tracker" / "s" / "checkpoint"
+    frame = tracker_frame(1)
+    frame["flame"]["exp"] = np.zeros((1, 50), np.float32)
+    torch.save(frame, checkpoint / "00001.frame")
+    frame = tracker_frame(2)
+    frame["opencv"]["t"] = np.array([[0, np.nan, 1]], np.float32)
+    torch.save(frame, checkpoint / "00002.frame")
+    frame = tracker_frame(3, size=(40, 32))  # [h, w] swapped, the original's bug
+    torch.save(frame, checkpoint / "00003.frame")
+    (checkpoint / "00005.frame").unlink()
+    report = check(tmp_path)
+    assert "'flame.exp' has shape (1, 50), expected (1, 100)" in errors_about(report, "00001.frame")[0].message
+    assert "NaN" in errors_about(report, "00002.frame")[0].message
+    # 00004.jpg pairs with 00003.frame whose img_size is 40x32
+    assert "img_size says 40x32" in errors_about(report, "imgs/00004.jpg")[0].message, report.format()
+    assert "has no tracker file" in errors_about(report, "00005.frame")[0].message
+
+
+def test_missing_masks_alpha_and_corrupt_files_are_named(tmp_path):
+    make_subject(tmp_path)
+    subject = tmp_path / "data" / "s"
+    (subject / "alpha" / "00002.jpg").unlink()
+    (subject / "parsing" / "00005_neckhead.png").unlink()
+    noisy = np.random.default_rng(0).integers(0, 255, (*SIZE, 3), dtype=np.uint8)  # big scan data
+    M.write_jpg(subject / "imgs" / "00006.jpg", noisy)
+    data = (subject / "imgs" / "00006.jpg").read_bytes()
+    (subject / "imgs" / "00006.jpg").write_bytes(data[: len(data) * 2 // 3])  # header intact, scan cut
+    M.write_png(subject / "parsing" / "00001_neckhead.png", np.zeros(SIZE, np.uint8))
+    report = check(tmp_path)
+    assert errors_about(report, "alpha/00002.jpg")
+    assert errors_about(report, "00005_neckhead.png")
+    assert "unreadable" in errors_about(report, "imgs/00006.jpg")[0].message
+    assert any("00001_neckhead.png" in w.path and "empty" in w.message for w in report.warnings)
+    # --quick reads headers only: the truncated JPG passes, the missing files do not
+    quick = check(tmp_path, decode=False)
+    assert not errors_about(quick, "imgs/00006.jpg") and errors_about(quick, "alpha/00002.jpg")
+
+
+def test_split_needs_training_frames(tmp_path):
+    make_subject(tmp_path)
+    report = check(tmp_path, test_frames=500)
+    assert not report.ok and "test split takes the last 500" in report.errors[0].message
+
+
+def test_untrusted_pickle_is_not_loaded(tmp_path):
+    make_subject(tmp_path)
+    frame = tracker_frame(0)
+    frame["extra"] = Image.new("L", (2, 2))  # an arbitrary class: needs full unpickling
+    path = tmp_path / "tracker" / "s" / "checkpoint" / "00000.frame"
+    torch.save(frame, path)
+    report = check(tmp_path)
+    found = errors_about(report, "00000.frame")
+    assert found and "--trust-tracker-files" in found[0].message, report.format()
+    assert check(tmp_path, trust_tracker_files=True).ok
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    make_subject(tmp_path)
+    argv = ["validate", str(tmp_path / "data"), str(tmp_path / "tracker"), "--id", "s", "--test-frames", "2",
+            "--quiet"]
+    assert cli.main(argv) == 0
+    assert "OK: training can run" in capsys.readouterr().out
+    (tmp_path / "data" / "s" / "imgs" / "00002.jpg").unlink()
+    assert cli.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "imgs/00002.jpg: missing" in out and "FAILED" in out
+    assert cli.main(["validate", str(tmp_path / "nowhere"), "--id", "s", "--quiet"]) == 1
+    assert "no such folder" in capsys.readouterr().out
+
+
+def test_lookup_and_schema_check():
+    frame = tracker_frame(0)
+    assert VAL.lookup(frame, "flame.exp").shape == (1, 100)
+    flat = {"flame.exp": 1}
+    assert VAL.lookup(flat, "flame.exp") == 1
+    with pytest.raises(KeyError):
+        VAL.lookup(frame, "flame.pose")
+    assert VAL.check_tracker_frame(frame) == []
+    frame["opencv"]["R"] = np.array([[[1, 0, 0], [0, 1, 0], [0, 0, -1]]], np.float32)
+    assert "not a rotation" in VAL.check_tracker_frame(frame)[0]
+    assert VAL.check_tracker_frame([1, 2]) == ["expected a dict, got list"]
