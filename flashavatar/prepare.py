@@ -97,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rewrite files that exist (default: keep them and resume)")
     parser.add_argument("--check", nargs="?", const="", default=None, metavar="TRACKER_ROOT",
                         help="validate the result afterwards (with the tracker folder when given)")
+    parser.add_argument("--test-frames", type=int, default=500,
+                        help="--check: the last this-many frames are the test split (default 500)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -132,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     if args.check is not None:
         from flashavatar import validate
 
-        report = validate.validate_subject(args.out, args.check or None, args.id, progress=not args.quiet)
+        report = validate.validate_subject(args.out, args.check or None, args.id, test_frames=args.test_frames,
+                                           progress=not args.quiet)
         print(report.format())
         return 0 if report.ok else 1
     return 0

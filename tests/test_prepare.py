@@ -318,6 +318,9 @@ def test_cli_prepare_end_to_end_with_check(video, tmp_path, capsys):
 
     report = validate.validate_subject(tmp_path / "data", None, "s", test_frames=4)
     assert report.ok, report.format()
+    # resumed with --check and a test split that fits: nothing rewritten, exit code 0
+    assert cli.main(argv + ["--check", "--test-frames", "4"]) == 0
+    assert "OK: training can run" in capsys.readouterr().out
 
 
 def test_face_parser_shapes_on_random_weights(tmp_path):
