@@ -23,7 +23,7 @@ import yaml
 class DataConfig:
     data_root: str = "data/synthetic"  # <data_root>/<subject>/{imgs,alpha,parsing}
     tracker_root: str | None = None  # <tracker_root>/<subject>/checkpoint/*.frame; None = same as data_root
-    subject: str = "synth"
+    subject: str = "synthetic"
     frame_offset: int = 1  # tracker file k pairs with image k + frame_offset
     n_test: int = 500  # the last n_test frames are the test split
     max_train: int = 10000
@@ -33,7 +33,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    head_model: str | None = None  # FLAME generic_model.pkl (or synthetic head); None = from the subject folder
+    head_model: str | None = None  # FLAME generic_model.pkl (or synthetic head); None = <data_root>/flame/
+    template: str | None = None  # template OBJ with UVs; None = head_template(_mesh).obj beside head_model
     uv_size: int = 128
     sh_degree: int = 3
     parity: bool = False  # True = original FlashAvatar deformation (no triangle frames, multiplicative scale)

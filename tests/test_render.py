@@ -1,0 +1,122 @@
+"""Rendering side: the pure-torch rasteriser stand-in, PLY files, video/frames/metrics of a trained run."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flashavatar import ply
+from flashavatar.rasterize_fallback import dense_rasterize, eval_sh
+
+
+def _scene(b=2, n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(b, n, 3, generator=g) * 0.05 + torch.tensor([0.0, 0.0, 1.0])
+    quats = torch.randn(b, n, 4, generator=g)
+    scales = torch.rand(b, n, 3, generator=g) * 0.01 + 0.002
+    opac = torch.rand(b, n, generator=g)
+    sh = torch.randn(b, n, 16, 3, generator=g) * 0.3
+    view = torch.eye(4).expand(b, 1, 4, 4).clone()
+    view[:, 0, 0, 3] = 0.01
+    K = torch.tensor([[90.0, 0, 30], [0, 95.0, 26], [0, 0, 1]]).expand(b, 1, 3, 3).clone()
+    return means, quats, scales, opac, sh, view, K
+
+
+def test_tiles_do_not_change_the_image_or_gradients():
+    """Opacity-derived bounds: 4-px tiles give exactly the single-tile (fully dense) result."""
+    means, quats, scales, opac, sh, view, K = _scene()
+    outs = []
+    for ts in (4, 64):
+        m = means.clone().requires_grad_()
+        r, a, meta = dense_rasterize(m, quats, scales, opac, sh, view, K, 61, 53, sh_degree=3, tile_size=ts)
+        (r * torch.linspace(0, 1, 3)).sum().backward()
+        outs.append((r.detach(), a.detach(), meta["depth"].detach(), m.grad))
+    for x, y in zip(outs[0][:3], outs[1][:3]):
+        assert torch.allclose(x, y, atol=1e-5)
+    assert torch.allclose(outs[0][3], outs[1][3], rtol=1e-4, atol=1e-3)  # summation order differs
+    assert outs[0][0].shape == (2, 1, 53, 61, 3) and outs[0][1].shape == (2, 1, 53, 61, 1)
+
+
+def test_single_gaussian_matches_closed_form():
+    means = torch.tensor([[0.0, 0.0, 2.0]])
+    quats = torch.tensor([[1.0, 0, 0, 0]])
+    scales = torch.full((1, 3), 0.02)
+    colors = torch.tensor([[0.2, 0.4, 0.6]])
+    K = torch.tensor([[[100.0, 0, 16], [0, 100.0, 16], [0, 0, 1]]])
+    r, a, meta = dense_rasterize(means, quats, scales, torch.tensor([0.7]), colors, torch.eye(4)[None], K, 32, 32,
+                                 backgrounds=torch.tensor([[0.0, 1.0, 0.0]]))
+    var = (100.0 * 0.02 / 2.0) ** 2 + 0.3  # EWA variance in pixels + the low-pass
+    for (py, px) in ((16, 16), (16, 18), (13, 15)):
+        dx, dy = px + 0.5 - 16, py + 0.5 - 16
+        alpha = min(0.99, 0.7 * math.exp(-0.5 * (dx * dx + dy * dy) / var))
+        alpha = alpha if alpha >= 1 / 255 else 0.0
+        assert a[0, py, px, 0].item() == pytest.approx(alpha, abs=1e-5)
+        want = torch.tensor([0.2, 0.4, 0.6]) * alpha + torch.tensor([0.0, 1.0, 0.0]) * (1 - alpha)
+        assert torch.allclose(r[0, py, px], want, atol=1e-5)
+    assert meta["depth"][0, 16, 16, 0].item() == pytest.approx(2.0, abs=1e-4)
+    # far corner: below 1/255, nothing
+    assert a[0, 0, 0, 0].item() == 0.0
+
+
+def test_near_culling_and_front_to_back_order():
+    K = torch.tensor([[[50.0, 0, 8.5], [0, 50.0, 8.5], [0, 0, 1]]])  # pixel (8, 8) centre on the axis
+    means = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.005]])  # the last is before the near plane
+    colors = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])
+    quats, scales = torch.tensor([[1.0, 0, 0, 0]] * 3), torch.full((3, 3), 0.5)
+    r, a, meta = dense_rasterize(means, quats, scales, torch.tensor([0.99, 0.9, 0.99]), colors, torch.eye(4)[None],
+                                 K, 16, 16)
+    # the near one is culled; red (z=1) in front of blue: 0.99 red, 0.9 * 0.01 blue
+    assert torch.allclose(r[0, 8, 8], torch.tensor([0.99, 0.0, 0.009]), atol=1e-5)
+    assert meta["radii"][0, 2].item() == 0
+    # blue at 0.99 would bring T to 1e-4: the pixel stops before it
+    r, a, meta = dense_rasterize(means, quats, scales, torch.tensor([0.99, 0.99, 0.99]), colors, torch.eye(4)[None],
+                                 K, 16, 16)
+    assert torch.allclose(r[0, 8, 8], torch.tensor([0.99, 0.0, 0.0]), atol=1e-6)
+
+
+def test_sh_degree_zero_is_dc_colour():
+    sh = torch.randn(5, 16, 3)
+    dirs = torch.nn.functional.normalize(torch.randn(5, 3), dim=-1)
+    assert torch.allclose(eval_sh(0, sh, dirs), 0.28209479177387814 * sh[:, 0])
+    # degree-1 band is linear in the direction
+    assert torch.allclose(eval_sh(1, sh, dirs) - eval_sh(1, sh, -dirs), 2 * (eval_sh(1, sh, dirs) - eval_sh(0, sh, dirs)),
+                          atol=1e-6)
+
+
+def test_bad_shapes_are_named():
+    means, quats, scales, opac, sh, view, K = _scene(b=1, n=4)
+    with pytest.raises(ValueError, match="quats"):
+        dense_rasterize(means, quats[..., :3], scales, opac, sh, view, K, 8, 8, sh_degree=3)
+    with pytest.raises(ValueError, match="Ks"):
+        dense_rasterize(means, quats, scales, opac, sh, view, K[..., :2], 8, 8, sh_degree=3)
+
+
+def test_ply_round_trip(tmp_path):
+    n = 37
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(n, 3, generator=g)
+    quats = torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1)
+    scales = torch.rand(n, 3, generator=g) * 0.01 + 1e-4
+    opac = torch.rand(n, generator=g) * 0.98 + 0.01
+    sh = torch.randn(n, 9, 3, generator=g)  # degree 2: padded to 45 f_rest
+    path = tmp_path / "g.ply"
+    assert ply.write_gaussians_ply(path, means, quats, scales, opac, sh) == n
+    back = ply.read_gaussians_ply(path)
+    names = back["property_names"]
+    assert names[:9] == ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    assert names[9:54] == [f"f_rest_{i}" for i in range(45)]
+    assert names[54:] == ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    assert back["means"].shape == (n, 3)
+    np.testing.assert_allclose(back["means"], means.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(back["scales"], scales.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(back["opacities"], opac.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(back["quats"], quats.numpy(), atol=1e-6)
+    np.testing.assert_allclose(back["sh"][:, :9], sh.numpy(), rtol=1e-6)
+    assert np.all(back["sh"][:, 9:] == 0)
+    with pytest.raises(ValueError, match="sh must be"):
+        ply.write_gaussians_ply(tmp_path / "bad.ply", means, quats, scales, opac, torch.zeros(n, 5, 3))
+    with pytest.raises(ValueError, match="non-finite"):
+        ply.write_gaussians_ply(tmp_path / "bad.ply", means * float("nan"), quats, scales, opac, sh)
+    assert not (tmp_path / "bad.ply").exists()
