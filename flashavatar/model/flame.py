@@ -332,7 +332,9 @@ class FLAME(nn.Module):
         self.parents = [int(p) for p in parents]
         self.n_shape, self.n_expr, self.n_vertices = n_shape, n_expr, V
 
-        f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
+        # buffers are kept in float64 (exact float64 results); float32 copies are cached per device
+        f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64)  # noqa: E731
+        self._cast_cache: dict = {}
         self.register_buffer("v_template", f32(v_template), persistent=False)
         dirs = np.concatenate((shapedirs[..., :n_shape], shapedirs[..., 300:300 + n_expr]), axis=-1)
         self.register_buffer("shapedirs", f32(dirs.reshape(V * 3, -1).T), persistent=False)  # [n_shape + n_expr, V*3]
@@ -388,6 +390,10 @@ class FLAME(nn.Module):
             neck = loops[0] if loops else np.zeros(0, np.int64)
         self.register_buffer("neck_boundary", torch.as_tensor(neck, dtype=torch.long), persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .double(): drop the cached float32 copies
+        self._cast_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
     # ------------------------------------------------------------------------------------------ forward
     def _check_input(self, name, x, width, B):
         if not torch.is_tensor(x):
@@ -410,12 +416,21 @@ class FLAME(nn.Module):
         if eyelids is not None:
             self._check_input("eyelids", eyelids, 2, B)
         dtype = torch.float64 if expr.dtype == torch.float64 else torch.float32
-        cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
+
+        def cast(t):
+            if t.dtype == dtype:
+                return t
+            if t.dtype == torch.float64 and dtype == torch.float32:  # a model buffer: reuse its float32 copy
+                key = (t.data_ptr(), t.device, tuple(t.shape))
+                if key not in self._cast_cache:
+                    self._cast_cache[key] = t.to(dtype)
+                return self._cast_cache[key]
+            return t.to(dtype)
         shape, expr, jaw, eyes = (cast(t) for t in (shape, expr, jaw, eyes))
         V = self.n_vertices
 
         betas = torch.cat((shape.expand(B, -1), expr), dim=1)  # [B, n_shape + n_expr]
-        v_shaped = self.v_template.to(dtype) + (betas @ cast(self.shapedirs)).view(B, V, 3)
+        v_shaped = cast(self.v_template) + (betas @ cast(self.shapedirs)).view(B, V, 3)
         J = torch.einsum("jv,bvc->bjc", cast(self.J_regressor), v_shaped)  # [B, 5, 3]
 
         eye3 = torch.eye(3, dtype=dtype, device=expr.device).expand(B, 3, 3)
