@@ -3,12 +3,19 @@
 Reports frame counts, numbering gaps, image/tracker pairing gaps, image sizes, mask and alpha coverage and
 the tracker files' keys and shapes, each problem naming the exact file. Problems that would make training
 fail (a missing or unreadable file, a size mismatch, a missing tracker key, too few frames for the split)
-are *errors* and give exit code 1; suspicious but trainable data (an empty head mask, tracker files without
-an image) are *warnings*.
+are *errors* and give exit code 1; suspicious but trainable data (an empty head mask, images without a
+tracker file, which training ignores) are *warnings*.
 
-Tracker ``.frame`` files are pickles. They are read with ``torch.load(weights_only=True)`` allowing only numpy
-arrays and scalars, which covers metrical-tracker's files and runs no code from them; a file that needs more
-is reported, and ``--trust-tracker-files`` loads it fully (only for files you trust).
+It follows the reader (:class:`flashavatar.data.FlashAvatarDataset`): training enumerates the tracker files,
+and tracker file ``k`` needs image ``k + offset`` (``imgs/NNNNN.jpg``, ``.png`` or ``.jpeg``), its alpha and
+both masks, all exactly ``img_size``; every tracker file must have the same ``img_size``; the last
+``--test-frames`` tracker frames are the test split. Tracker files are checked by the reader's own
+:func:`flashavatar.data.load_tracker_frame`, plus a few sanity checks of the camera.
+
+Tracker ``.frame`` files are pickles. Each is first opened with ``torch.load(weights_only=True)`` allowing
+only numpy arrays and scalars (which covers metrical-tracker's files and runs no code from them); only when
+that succeeds is it handed to the reader. A file that needs more is reported, and ``--trust-tracker-files``
+skips the restricted load (only for files you trust).
 """
 
 from __future__ import annotations
@@ -26,21 +33,9 @@ from PIL import Image
 
 log = logging.getLogger("flashavatar.validate")
 
-# what training reads from every tracker file: dotted path -> shape (SPEC §1)
-TRACKER_SCHEMA: dict[str, tuple[int, ...]] = {
-    "flame.exp": (1, 100),
-    "flame.shape": (1, 300),
-    "flame.jaw": (1, 6),
-    "flame.eyes": (1, 12),
-    "flame.eyelids": (1, 2),
-    "opencv.R": (1, 3, 3),
-    "opencv.t": (1, 3),
-    "opencv.K": (1, 3, 3),
-    "img_size": (2,),
-}
-
 _FRAME_FILE = re.compile(r"^(\d+)\.frame$")
-_IMAGE_FILE = re.compile(r"^(\d{5})\.jpg$")
+_IMAGE_FILE = re.compile(r"^(\d{5})\.(jpg|png|jpeg)$")
+IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg")  # what the reader accepts for imgs/ and alpha/
 MAX_LISTED = 5  # files named per kind of problem before "and N more"
 
 
@@ -103,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image number - tracker number of a pair (default 1: 00000.frame ↔ 00001.jpg)")
     parser.add_argument("--test-frames", type=int, default=500,
                         help="the last this-many frames are the test split (default 500)")
+    parser.add_argument("--max-train", type=int, default=10000,
+                        help="at most this many training frames (default 10000)")
     parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                         help="expected image size (default: the first frame's, or the tracker's img_size)")
     parser.add_argument("--quick", action="store_true",
@@ -115,9 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report = validate_subject(args.data_root, args.tracker_root, args.id, offset=args.offset,
-                              test_frames=args.test_frames, expected_size=tuple(args.size) if args.size else None,
-                              decode=not args.quick, trust_tracker_files=args.trust_tracker_files,
-                              progress=not args.quiet)
+                              test_frames=args.test_frames, max_train=args.max_train,
+                              expected_size=tuple(args.size) if args.size else None, decode=not args.quick,
+                              trust_tracker_files=args.trust_tracker_files, progress=not args.quiet)
     print(report.format())
     return 0 if report.ok else 1
 
@@ -126,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def validate_subject(data_root, tracker_root, subject: str, *, offset: int = 1, test_frames: int = 500,
-                     expected_size: tuple[int, int] | None = None, decode: bool = True,
+                     max_train: int = 10000, expected_size: tuple[int, int] | None = None, decode: bool = True,
                      trust_tracker_files: bool = False, progress: bool = False) -> ValidationReport:
     """Check ``data_root/subject`` (and ``tracker_root/subject/checkpoint`` when given).
 
@@ -139,44 +136,61 @@ def validate_subject(data_root, tracker_root, subject: str, *, offset: int = 1, 
     if not imgs.is_dir():
         report.error(imgs, "no such folder (the frames go in <data_root>/<id>/imgs/00001.jpg …)")
         return report
-    frames = _numbered(imgs, _IMAGE_FILE)
-    others = sorted(p.name for p in imgs.iterdir() if p.is_file() and not _IMAGE_FILE.match(p.name)
-                    and not p.name.startswith("."))
-    if others:
-        report.warning(imgs, f"{len(others)} file(s) not named NNNNN.jpg are ignored ({_listed(others)})")
-    if not frames:
-        report.error(imgs, "no frames named NNNNN.jpg")
-        return report
-    numbers = sorted(frames)
-    report.stats["frames"] = f"{len(numbers)} ({frame_range(numbers)})"
-    gaps = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
-    if numbers[0] != 1:
-        report.error(imgs / f"{1:05d}.jpg", f"missing: numbering must start at 00001.jpg (first is "
-                                            f"{frames[numbers[0]].name})")
-    for k in gaps[:MAX_LISTED]:
-        report.error(imgs / f"{k:05d}.jpg", "missing (gap in the frame numbering)")
-    if len(gaps) > MAX_LISTED:
-        report.error(imgs, f"{len(gaps) - MAX_LISTED} more frames missing in the numbering "
-                           f"({frame_range(gaps[MAX_LISTED:])})")
+    images = _images(report, imgs)
+    if images:
+        report.stats["frames"] = f"{len(images)} ({frame_range(images)})"
 
-    tracker_frames: dict[int, Path] = {}
-    tracker_sizes: dict[int, tuple[int, int]] = {}
-    if tracker_root is not None:
-        tracker_frames, tracker_sizes = _check_tracker(report, Path(tracker_root) / subject / "checkpoint",
-                                                       numbers, offset, trust_tracker_files, progress)
-        if expected_size is None and tracker_sizes:
-            values, counts = np.unique(np.array(list(tracker_sizes.values())), axis=0, return_counts=True)
+    sizes: dict[int, tuple[int, int]] = {}  # image number -> the size training will demand
+    if tracker_root is None:
+        if not images:
+            report.error(imgs, "no frames named NNNNN.jpg")
+            return report
+        numbers = sorted(images)
+        expected = [k for k in range(1, numbers[-1] + 1) if k not in images]
+        for k in expected[:MAX_LISTED]:
+            report.error(imgs / f"{k:05d}.jpg", "missing (gap in the frame numbering)")
+        if len(expected) > MAX_LISTED:
+            report.error(imgs, f"{len(expected) - MAX_LISTED} more frames missing in the numbering "
+                               f"({frame_range(expected[MAX_LISTED:])})")
+        n_frames = len(numbers)
+    else:
+        tracker = _check_tracker(report, Path(tracker_root) / subject / "checkpoint", offset, trust_tracker_files,
+                                 progress)
+        numbers = [t + offset for t in tracker]
+        missing = [k for k in numbers if k not in images]
+        for k in missing[:MAX_LISTED]:
+            report.error(imgs / f"{k:05d}.jpg", f"missing: tracker file {tracker[k - offset][0].name} pairs with "
+                                                "this frame")
+        if len(missing) > MAX_LISTED:
+            report.error(imgs, f"{len(missing) - MAX_LISTED} more frames missing for tracker files "
+                               f"({frame_range(missing[MAX_LISTED:])})")
+        extra = sorted(set(images) - set(numbers))
+        if extra:
+            report.warning(imgs, f"{len(extra)} frame(s) have no tracker file and are not used "
+                                 f"({_listed([images[k].name for k in extra])})")
+        numbers = [k for k in numbers if k in images]
+        for t, (_, frame) in tracker.items():
+            if frame is not None:
+                sizes[t + offset] = (frame.height, frame.width)
+        n_frames = len(tracker)
+        if expected_size is None and sizes:
+            values, counts = np.unique(np.array(list(sizes.values())), axis=0, return_counts=True)
             expected_size = tuple(int(v) for v in values[np.argmax(counts)])
+            odd = [k for k in sorted(sizes) if sizes[k] != expected_size]
+            for k in odd[:MAX_LISTED]:
+                report.error(tracker[k - offset][0], f"img_size {list(sizes[k])} differs from the other tracker "
+                                                     f"files' {list(expected_size)} (all frames must share one size)")
+            if len(odd) > MAX_LISTED:
+                report.error(tracker[odd[0] - offset][0].parent, f"{len(odd) - MAX_LISTED} more tracker files "
+                                                                 "with another img_size")
 
-    _check_images(report, folder, frames, expected_size, tracker_sizes, offset, decode, progress)
+    _check_images(report, folder, {k: images[k] for k in numbers}, expected_size, sizes, decode, progress)
 
-    # the split the trainer will use: paired frames, last `test_frames` are the test split
-    paired = [k for k in numbers if tracker_root is None or (k - offset) in tracker_frames]
-    n_train = len(paired) - test_frames
-    report.stats["split"] = f"{max(n_train, 0)} train / {min(test_frames, len(paired))} test (last {test_frames})"
+    n_train = min(max_train, n_frames - test_frames)
+    report.stats["split"] = f"{max(n_train, 0)} train / {min(test_frames, n_frames)} test (the last {test_frames})"
     if n_train <= 0:
-        report.error(folder, f"only {len(paired)} usable frame(s) but the test split takes the last {test_frames}: "
-                             "no training frames (use more frames or a smaller test split, --test-frames)")
+        report.error(folder, f"only {n_frames} frame(s) but the test split takes the last {test_frames}: no "
+                             "training frames (use more frames or a smaller test split, --test-frames)")
     return report
 
 
@@ -189,6 +203,25 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:MAX_LISTED]) + (f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
 
 
+def _images(report: ValidationReport, imgs: Path) -> dict[int, Path]:
+    """Frame number -> image in ``imgs`` (NNNNN.jpg/.png/.jpeg; the reader takes the last of those present)."""
+    found: dict[int, list[Path]] = {}
+    others = []
+    for path in sorted(imgs.iterdir()):
+        match = _IMAGE_FILE.match(path.name)
+        if match:
+            found.setdefault(int(match.group(1)), []).append(path)
+        elif path.is_file() and not path.name.startswith("."):
+            others.append(path.name)
+    if others:
+        report.warning(imgs, f"{len(others)} file(s) not named NNNNN.jpg are ignored ({_listed(others)})")
+    doubles = [paths for paths in found.values() if len(paths) > 1]
+    if doubles:
+        report.warning(imgs, f"{len(doubles)} frame(s) exist in several formats, e.g. "
+                             f"{', '.join(p.name for p in doubles[0])}: make sure they agree")
+    return {k: _pick(paths) for k, paths in sorted(found.items())}
+
+
 def _numbered(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
     found = {}
     for path in folder.iterdir():
@@ -198,12 +231,22 @@ def _numbered(folder: Path, pattern: re.Pattern) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def _pick(paths: list[Path]) -> Path:
+    return max(paths, key=lambda p: IMAGE_EXTENSIONS.index(p.suffix))
+
+
+def _companion(folder: Path, name: str) -> Path:
+    """``folder/name.jpg`` (or .png/.jpeg when that exists), as the reader resolves alpha files."""
+    present = [folder / f"{name}{ext}" for ext in IMAGE_EXTENSIONS if (folder / f"{name}{ext}").is_file()]
+    return _pick(present) if present else folder / f"{name}.jpg"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # images, masks, alpha
 
 
-def _check_images(report: ValidationReport, folder: Path, frames: dict[int, Path], expected_size, tracker_sizes,
-                  offset: int, decode: bool, progress: bool) -> None:
+def _check_images(report: ValidationReport, folder: Path, frames: dict[int, Path], expected_size,
+                  sizes: dict[int, tuple[int, int]], decode: bool, progress: bool) -> None:
     from tqdm import tqdm
 
     missing: dict[str, list[Path]] = {"alpha": [], "neckhead mask": [], "mouth mask": []}
@@ -211,7 +254,7 @@ def _check_images(report: ValidationReport, folder: Path, frames: dict[int, Path
     empty_heads: list[Path] = []
     size_errors = 0
     for k, image_path in tqdm(frames.items(), desc="images", unit="frame", disable=not progress, leave=False):
-        companions = {"alpha": folder / "alpha" / f"{k:05d}.jpg",
+        companions = {"alpha": _companion(folder / "alpha", f"{k:05d}"),
                       "neckhead mask": folder / "parsing" / f"{k:05d}_neckhead.png",
                       "mouth mask": folder / "parsing" / f"{k:05d}_mouth.png"}
         size = _image_size(report, image_path, decode)
@@ -220,17 +263,17 @@ def _check_images(report: ValidationReport, folder: Path, frames: dict[int, Path
         if expected_size is None:
             expected_size = size
             report.stats["image size"] = f"{size[0]}x{size[1]} (h x w, from {image_path.name})"
-        want = tracker_sizes.get(k - offset, expected_size)
+        want = sizes.get(k, expected_size)
         if size != tuple(want):
             size_errors += 1
             if size_errors <= MAX_LISTED:
-                source = "its tracker file's img_size" if (k - offset) in tracker_sizes else "the other frames"
+                source = "its tracker file's img_size" if k in sizes else "the other frames"
                 report.error(image_path, f"size {size[0]}x{size[1]} (h x w) but {source} says {want[0]}x{want[1]}")
         for kind, path in companions.items():
             if not path.exists():
                 missing[kind].append(path)
                 continue
-            array = _read_grey(report, path, size, decode)
+            array = _read_grey(report, path, tuple(want), decode)
             if array is None:
                 continue
             if kind == "neckhead mask":
@@ -288,7 +331,7 @@ def _read_grey(report: ValidationReport, path: Path, size: tuple[int, int], deco
     try:
         with Image.open(path) as image:
             if (image.size[1], image.size[0]) != size:
-                report.error(path, f"size {image.size[1]}x{image.size[0]} (h x w) differs from its frame's "
+                report.error(path, f"size {image.size[1]}x{image.size[0]} (h x w) but its frame must be "
                                    f"{size[0]}x{size[1]}")
                 return None
             if not decode:
@@ -303,114 +346,111 @@ def _read_grey(report: ValidationReport, path: Path, size: tuple[int, int], deco
 # tracker files
 
 
-def load_tracker_file(path: str | Path, *, trust: bool = False) -> dict:
-    """One metrical-tracker ``.frame`` dict. Numpy arrays/scalars only unless ``trust`` (full unpickling)."""
+class UntrustedTrackerFile(ValueError):
+    """A tracker file holding more than numpy arrays/scalars (loading it fully could run code)."""
+
+
+def load_tracker_dict(path: str | Path) -> dict:
+    """A ``.frame`` file opened with only numpy arrays/scalars allowed (no code in the file can run).
+
+    :class:`UntrustedTrackerFile` naming the file when it holds anything else.
+    """
+    import pickle
+
     import torch
 
     from flashavatar.data.video import numpy_safe_globals
 
-    if trust:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    with torch.serialization.safe_globals(numpy_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).split("Unsupported global:")[-1].split("\n")[0].strip() if "Unsupported global" in str(exc) else ""
+        raise UntrustedTrackerFile(f"{path}: holds objects other than numpy arrays{f' ({detail})' if detail else ''}; "
+                                   "pass --trust-tracker-files if you trust this file") from None
 
 
-def lookup(frame: dict, dotted: str):
-    """``frame["flame"]["exp"]`` for ``"flame.exp"`` (nested dicts, as metrical-tracker saves), or a flat
-    ``frame["flame.exp"]``; KeyError when neither exists."""
-    if dotted in frame:
-        return frame[dotted]
-    node = frame
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(dotted)
-        node = node[part]
-    return node
+def read_tracker_file(path: str | Path, *, trust: bool = False, n_shape: int = 300, n_expr: int = 100):
+    """One tracker file through the reader (:func:`flashavatar.data.load_tracker_frame`, whose errors name the
+    file), after a restricted load proved it holds only numpy data, unless ``trust``. -> ``TrackerFrame``."""
+    from flashavatar.data import load_tracker_frame
+
+    if not trust:
+        load_tracker_dict(path)
+    return load_tracker_frame(path, n_shape=n_shape, n_expr=n_expr)
 
 
-def check_tracker_frame(frame, schema: dict[str, tuple[int, ...]] = TRACKER_SCHEMA) -> list[str]:
-    """Problems with one tracker dict (missing keys, wrong shapes, non-finite values, a bad K); [] if fine."""
-    if not isinstance(frame, dict):
-        return [f"expected a dict, got {type(frame).__name__}"]
+def camera_problems(frame) -> list[str]:
+    """Sanity checks the reader does not make: positive focal lengths, an orthonormal rotation."""
     problems = []
-    for key, shape in schema.items():
-        try:
-            value = lookup(frame, key)
-        except KeyError:
-            problems.append(f"missing key {key!r} (expected shape {shape})")
-            continue
-        try:
-            array = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value, dtype=np.float64)
-        except (TypeError, ValueError):
-            problems.append(f"{key!r} is not numeric ({type(value).__name__})")
-            continue
-        if array.shape != shape:
-            problems.append(f"{key!r} has shape {tuple(array.shape)}, expected {shape}")
-        elif not np.all(np.isfinite(array)):
-            problems.append(f"{key!r} has NaN/inf values")
-    if not problems:
-        K = np.asarray(lookup(frame, "opencv.K"), dtype=np.float64)[0]
-        if not (K[0, 0] > 0 and K[1, 1] > 0):
-            problems.append(f"'opencv.K' has non-positive focal lengths fx={K[0, 0]:g}, fy={K[1, 1]:g}")
-        R = np.asarray(lookup(frame, "opencv.R"), dtype=np.float64)[0]
-        if abs(np.linalg.det(R) - 1.0) > 1e-3 or np.abs(R @ R.T - np.eye(3)).max() > 1e-3:
-            problems.append("'opencv.R' is not a rotation matrix (RRᵀ ≠ I or det ≠ 1)")
-        h, w = (int(v) for v in np.asarray(lookup(frame, "img_size")).reshape(-1))
-        if h <= 0 or w <= 0:
-            problems.append(f"'img_size' {[h, w]} is not a positive [h, w]")
+    K, R = np.asarray(frame.K, dtype=np.float64), np.asarray(frame.R, dtype=np.float64)
+    if not (K[0, 0] > 0 and K[1, 1] > 0):
+        problems.append(f"'opencv.K' has non-positive focal lengths fx={K[0, 0]:g}, fy={K[1, 1]:g}")
+    if np.abs(R @ R.T - np.eye(3)).max() > 1e-3:
+        problems.append("'opencv.R' is not a rotation matrix (R Rᵀ ≠ I)")
     return problems
 
 
-def _check_tracker(report: ValidationReport, checkpoint: Path, numbers: list[int], offset: int, trust: bool,
-                   progress: bool) -> tuple[dict[int, Path], dict[int, tuple[int, int]]]:
+def _has_key(d: dict, dotted: str) -> bool:
+    if dotted in d:
+        return True
+    node = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _check_tracker(report: ValidationReport, checkpoint: Path, offset: int, trust: bool, progress: bool
+                   ) -> dict[int, tuple[Path, object]]:
+    """tracker number -> (path, TrackerFrame or None when it is broken); problems go to ``report``."""
     from tqdm import tqdm
 
     if not checkpoint.is_dir():
         report.error(checkpoint, "no such folder (tracker files go in <tracker_root>/<id>/checkpoint/00000.frame …)")
-        return {}, {}
-    tracker = _numbered(checkpoint, _FRAME_FILE)
-    if not tracker:
+        return {}
+    found = _numbered(checkpoint, _FRAME_FILE)
+    if not found:
         report.error(checkpoint, "no tracker files named NNNNN.frame")
-        return {}, {}
-    report.stats["tracker files"] = f"{len(tracker)} ({frame_range(tracker)}), image k ↔ tracker k-{offset}"
-    unpaired_images = [k for k in numbers if (k - offset) not in tracker]
-    for k in unpaired_images[:MAX_LISTED]:
-        report.error(checkpoint / f"{k - offset:05d}.frame", f"missing: image {k:05d}.jpg has no tracker file")
-    if len(unpaired_images) > MAX_LISTED:
-        report.error(checkpoint, f"{len(unpaired_images) - MAX_LISTED} more images without a tracker file")
-    image_set = set(numbers)
-    unpaired_tracker = [t for t in tracker if (t + offset) not in image_set]
-    if unpaired_tracker:
-        report.warning(checkpoint, f"{len(unpaired_tracker)} tracker file(s) have no image and are ignored "
-                                   f"({_listed([tracker[t].name for t in unpaired_tracker])})")
+        return {}
+    others = sorted(p.name for p in checkpoint.glob("*.frame") if not _FRAME_FILE.match(p.name))
+    if others:  # the reader refuses these
+        report.error(checkpoint, f"tracker file names must be zero-padded integers: {_listed(others)}")
+    report.stats["tracker files"] = f"{len(found)} ({frame_range(found)}), image k ↔ tracker k-{offset}"
+    gaps = sorted(set(range(min(found), max(found) + 1)) - set(found))
+    if gaps:
+        report.warning(checkpoint, f"{len(gaps)} gap(s) in the tracker numbering ({_listed([f'{g:05d}.frame' for g in gaps])}):"
+                                   " the temporal regulariser pairs only consecutive frames")
 
-    sizes: dict[int, tuple[int, int]] = {}
-    bad = 0
-    for t, path in tqdm(tracker.items(), desc="tracker", unit="frame", disable=not progress, leave=False):
-        if (t + offset) not in image_set:
-            continue
+    tracker: dict[int, tuple[Path, object]] = {}
+    bad = no_eyelids = 0
+    for t, path in tqdm(found.items(), desc="tracker", unit="frame", disable=not progress, leave=False):
+        frame = None
         try:
-            frame = load_tracker_file(path, trust=trust)
+            if not trust:
+                raw = load_tracker_dict(path)
+                no_eyelids += isinstance(raw, dict) and not _has_key(raw, "flame.eyelids")
+            frame = read_tracker_file(path, trust=True)
+            problems = camera_problems(frame)
+            if problems:
+                frame = None
+                raise ValueError(f"{path}: {'; '.join(problems)}")
+        except (ValueError, FileNotFoundError) as exc:
+            bad += 1
+            if bad <= MAX_LISTED:
+                message = str(exc)
+                report.error(path, message.split(f"{path}: ", 1)[-1])
         except Exception as exc:  # unpickling can raise nearly anything
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
-                message = ("holds objects other than numpy arrays; re-run with --trust-tracker-files if you trust "
-                           "this file")
             bad += 1
             if bad <= MAX_LISTED:
-                report.error(path, f"unreadable tracker file ({message})")
-            continue
-        problems = check_tracker_frame(frame)
-        if problems:
-            bad += 1
-            if bad <= MAX_LISTED:
-                report.error(path, "; ".join(problems))
-            continue
-        h, w = (int(v) for v in np.asarray(lookup(frame, "img_size")).reshape(-1))
-        sizes[t] = (h, w)
+                report.error(path, f"unreadable tracker file ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+        tracker[t] = (path, frame)
     if bad > MAX_LISTED:
         report.error(checkpoint, f"{bad - MAX_LISTED} more tracker files with problems")
-    return tracker, sizes
+    if no_eyelids:
+        report.warning(checkpoint, f"{no_eyelids} tracker file(s) have no flame.eyelids (zeros are used)")
+    return tracker
 
 
 if __name__ == "__main__":  # pragma: no cover

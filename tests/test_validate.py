@@ -74,9 +74,12 @@ def test_deleted_frame_is_named(tmp_path):
     report = check(tmp_path)
     assert not report.ok
     found = errors_about(report, "00003.jpg")
-    assert found and "missing" in found[0].message, report.format()
-    # its tracker file is now unpaired: a warning, not an error
-    assert any("00002.frame" in w.message for w in report.warnings), report.format()
+    assert len(found) == 1 and "missing: tracker file 00002.frame pairs with this frame" in found[0].message, \
+        report.format()
+    assert len(report.errors) == 1
+    # without tracker files, the gap in the numbering is the error
+    report = VAL.validate_subject(tmp_path / "data", None, "s", test_frames=2)
+    assert "gap in the frame numbering" in errors_about(report, "imgs/00003.jpg")[0].message
 
 
 def test_wrong_size_image_is_named(tmp_path):
@@ -116,13 +119,18 @@ def test_tracker_shape_value_and_size_problems(tmp_path):
     torch.save(frame, checkpoint / "00002.frame")
     frame = tracker_frame(3, size=(40, 32))  # [h, w] swapped, the original's bug
     torch.save(frame, checkpoint / "00003.frame")
-    (checkpoint / "00005.frame").unlink()
+    (checkpoint / "00004.frame").unlink()
     report = check(tmp_path)
     assert "'flame.exp' has shape (1, 50), expected (1, 100)" in errors_about(report, "00001.frame")[0].message
     assert "NaN" in errors_about(report, "00002.frame")[0].message
     # 00004.jpg pairs with 00003.frame whose img_size is 40x32
     assert "img_size says 40x32" in errors_about(report, "imgs/00004.jpg")[0].message, report.format()
-    assert "has no tracker file" in errors_about(report, "00005.frame")[0].message
+    assert "img_size [40, 32] differs" in errors_about(report, "00003.frame")[0].message
+    # image 00005.jpg lost its tracker file: training ignores it (warning); the numbering gap is noted
+    assert not errors_about(report, "00005.jpg") and not errors_about(report, "00004.frame")
+    assert any("00005.jpg" in w.message and "no tracker file" in w.message for w in report.warnings)
+    assert any("00004.frame" in w.message and "gap" in w.message for w in report.warnings)
+    assert "5 (00000…00005)" in report.format()
 
 
 def test_missing_masks_alpha_and_corrupt_files_are_named(tmp_path):
@@ -177,14 +185,24 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().out
 
 
-def test_lookup_and_schema_check():
-    frame = tracker_frame(0)
-    assert VAL.lookup(frame, "flame.exp").shape == (1, 100)
-    flat = {"flame.exp": 1}
-    assert VAL.lookup(flat, "flame.exp") == 1
-    with pytest.raises(KeyError):
-        VAL.lookup(frame, "flame.pose")
-    assert VAL.check_tracker_frame(frame) == []
-    frame["opencv"]["R"] = np.array([[[1, 0, 0], [0, 1, 0], [0, 0, -1]]], np.float32)
-    assert "not a rotation" in VAL.check_tracker_frame(frame)[0]
-    assert VAL.check_tracker_frame([1, 2]) == ["expected a dict, got list"]
+def test_camera_checks_and_restricted_loading(tmp_path):
+    make_subject(tmp_path)
+    checkpoint = tmp_path / "tracker" / "s" / "checkpoint"
+    frame = tracker_frame(1)
+    frame["opencv"]["R"] = np.array([[[1, 0.5, 0], [0, 1, 0], [0, 0, 1]]], np.float32)  # det 1, not a rotation
+    torch.save(frame, checkpoint / "00001.frame")
+    frame = tracker_frame(2)
+    frame["opencv"]["K"][0, 0, 0] = -50.0
+    torch.save(frame, checkpoint / "00002.frame")
+    frame = tracker_frame(3)
+    del frame["flame"]["eyelids"]  # the reader uses zeros
+    torch.save(frame, checkpoint / "00003.frame")
+    report = check(tmp_path)
+    assert "not a rotation matrix" in errors_about(report, "00001.frame")[0].message
+    assert "non-positive focal" in errors_about(report, "00002.frame")[0].message
+    assert not errors_about(report, "00003.frame")
+    assert any("no flame.eyelids" in w.message for w in report.warnings)
+    assert VAL.load_tracker_dict(checkpoint / "00000.frame")["img_size"].tolist() == list(SIZE)
+    torch.save({"payload": Image.new("L", (1, 1))}, tmp_path / "evil.frame")
+    with pytest.raises(VAL.UntrustedTrackerFile, match="evil.frame"):
+        VAL.read_tracker_file(tmp_path / "evil.frame")
