@@ -41,7 +41,7 @@ def read_image(path: Path, kind: str) -> np.ndarray:
     if not Path(path).is_file():
         raise FileNotFoundError(f"missing {kind} image: {path}")
     try:
-        img = np.asarray(iio.imread(path))
+        img = np.asarray(iio.imread(path, plugin="pillow"))
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
         raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
     if img.dtype == np.uint16:
@@ -125,11 +125,12 @@ class FlashAvatarDataset(Dataset):
         self.viewmats = f32([fr.viewmat for fr in self.frames])  # [T, 4, 4]
         self.Ks = f32([fr.K for fr in self.frames])  # [T, 3, 3]
         self._paths = [self._image_paths(k) for k in self.frame_indices]
-        if check_files:
-            missing = [p for paths in self._paths for p in paths.values() if not p.is_file()]
+        if check_files:  # every tracker frame (all splits) needs its four images: catches count mismatches
+            missing = [p for k, _ in frames for p in self._image_paths(k).values() if not p.is_file()]
             if missing:
-                raise FileNotFoundError(f"missing {len(missing)} image file(s) for tracker frames in "
-                                        f"{self.checkpoint_dir}, first: {missing[0]}")
+                raise FileNotFoundError(f"missing {len(missing)} image file(s) for the {n} tracker frames in "
+                                        f"{self.checkpoint_dir} (frame k <-> image k+{self.frame_offset}), "
+                                        f"first: {missing[0]}")
 
     def _image_paths(self, k: int) -> dict[str, Path]:
         name = f"{k + self.frame_offset:05d}"

@@ -1,0 +1,172 @@
+"""Gaussian avatar: UV sampling, canonical placement, deformation conventions, parity switch."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flashavatar.model import FLAME, FlameCodes, GaussianAvatar, rasterize_uv, residual_covariance
+from flashavatar.model.camera import axis_angle_to_matrix, quat_to_matrix
+from flashavatar.model.flame import read_obj
+from flashavatar.model.synthetic import write_head_model
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    path = write_head_model(tmp_path_factory.mktemp("head"))
+    return path, path.parent / "head_template.obj"
+
+
+@pytest.fixture(scope="module")
+def flame(head):
+    return FLAME(head[0])
+
+
+def test_uv_samples_inside_their_triangle(head):
+    obj = read_obj(head[1])
+    S = 96
+    s = rasterize_uv(obj.uvs, obj.face_uvs, S)
+    tri = obj.uvs[obj.face_uvs[s.face_ids]]  # [N, 3, 2]
+    centre = (s.texel + 0.5) / S
+    np.testing.assert_allclose(s.uv, centre)
+    # independent barycentrics: solve [p1-p0, p2-p0] x = c - p0
+    A = np.stack((tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), -1)
+    x = np.linalg.solve(A, (centre - tri[:, 0])[..., None])[..., 0]
+    bary = np.concatenate((1 - x.sum(-1, keepdims=True), x), -1)
+    assert (bary >= -1e-9).all()
+    np.testing.assert_allclose(bary, s.barycentrics, atol=1e-9)
+    # each texel is used once
+    assert len(np.unique(s.texel[:, 1] * S + s.texel[:, 0])) == len(s.face_ids)
+
+
+def test_uv_counts_scale_with_resolution(head):
+    obj = read_obj(head[1])
+    counts = {S: len(rasterize_uv(obj.uvs, obj.face_uvs, S).face_ids) for S in (64, 128, 256)}
+    density = [counts[S] / S ** 2 for S in (64, 128, 256)]
+    assert max(density) / min(density) < 1.05, counts
+    # a unit square of two triangles covers every texel exactly once
+    uv = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], float)
+    s = rasterize_uv(uv, np.array([[0, 1, 2], [0, 2, 3]]), 17)
+    assert len(s.face_ids) == 17 * 17
+
+
+def test_avatar_outputs_and_initial_state(flame, head):
+    avatar = GaussianAvatar(flame, head[1], uv_size=64)
+    N = avatar.n_gaussians
+    frac = avatar.is_mouth.float().mean().item()
+    assert 0.005 < frac < 0.02
+    assert (avatar.face_ids[avatar.is_mouth] >= flame.n_mesh_faces).all()
+    assert (avatar.face_ids[~avatar.is_mouth] < flame.n_mesh_faces).all()
+    # no Gaussian on a face touching the neck boundary
+    faces = flame.faces[avatar.face_ids]
+    assert not torch.isin(faces, flame.neck_boundary).any()
+
+    codes = FlameCodes.neutral(3)
+    out = avatar(codes)
+    assert out["means"].shape == (3, N, 3) and out["quats"].shape == (3, N, 4)
+    assert out["scales"].shape == (3, N, 3) and out["opacities"].shape == (3, N)
+    assert out["sh"].shape == (3, N, 16, 3) and out["sh_degree"] == 0
+    torch.testing.assert_close(out["quats"].norm(dim=-1), torch.ones(3, N))
+    torch.testing.assert_close(out["opacities"], torch.full((3, N), 0.1))
+    # neutral codes: the Gaussians sit (almost) on the canonical surface points
+    assert (out["means"] - avatar.canonical_means).norm(dim=-1).max() < 5e-3
+    # base scale: mean distance to 3 neighbours, a few mm on this head
+    s = out["scales"][0, :, 0]
+    assert 1e-4 < s.median() < 1e-2
+
+
+def test_jaw_moves_lower_face(flame, head):
+    avatar = GaussianAvatar(flame, head[1], uv_size=64)
+    c = FlameCodes.neutral(2)
+    a = 0.3
+    c.jaw[1] = torch.tensor([1, 0, 0, 0, math.cos(a), -math.sin(a)])  # first two rows of R_x(a)
+    out = avatar(c)
+    moved = (out["means"][1] - out["means"][0]).norm(dim=-1)
+    chin = avatar.canonical_means[:, 1] < -0.06  # below the mouth, front
+    chin &= avatar.canonical_means[:, 2] > 0.04
+    top = avatar.canonical_means[:, 1] > 0.05
+    assert moved[chin].mean() > 0.01 and moved[top].max() < 1e-3
+
+
+def _rigid(vertices, R):
+    return vertices @ R.T
+
+
+def test_tangent_frame_rotation_and_parity(flame, head):
+    torch.manual_seed(0)
+    codes = FlameCodes.neutral(1)
+    verts = flame.forward_codes(codes)
+    R = axis_angle_to_matrix(torch.tensor([0.3, -0.5, 0.2]))
+    for parity in (False, True):
+        avatar = GaussianAvatar(flame, head[1], uv_size=48, parity=parity)
+        with torch.no_grad():
+            avatar.mlp_out.bias.uniform_(-0.5, 0.5)  # nonzero rotation / scale deltas
+        a = avatar(codes, vertices=verts)
+        b = avatar(codes, vertices=_rigid(verts, R))
+        Ra, Rb = quat_to_matrix(a["quats"][0]), quat_to_matrix(b["quats"][0])
+        if parity:  # the original: the mesh's motion does not turn the Gaussians
+            torch.testing.assert_close(Rb, Ra)
+        else:  # q_frame ⊗ q_base ⊗ q_Δ turns with the triangle
+            torch.testing.assert_close(Rb, R @ Ra, atol=2e-4, rtol=0)
+        # scales: additive log-scale vs. the original's multiplied log-scale
+        delta = torch.tanh(avatar.mlp_out.bias[7:10])
+        base = avatar.log_scale.detach()
+        want = torch.exp(base * torch.exp(delta)) if parity else torch.exp(base + delta)
+        torch.testing.assert_close(a["scales"][0], want, atol=1e-4, rtol=1e-3)
+
+
+def test_parameter_groups_and_gradients(flame, head):
+    avatar = GaussianAvatar(flame, head[1], uv_size=48)
+    groups = avatar.parameter_groups()
+    assert set(groups) == {"mlp", "f_dc", "f_rest", "opacity", "scaling", "rotation"}
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert sorted(ids) == sorted(id(p) for p in avatar.parameters())  # every parameter exactly once
+    opt = torch.optim.Adam(avatar.optimizer_groups(), eps=1e-15)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["mlp"] == 1e-4 and lrs["f_rest"] == pytest.approx(2.5e-3 / 20)
+    c = FlameCodes.neutral(2)
+    c.expr.normal_()
+    out = avatar(c)
+    loss = out["means"].square().sum() + out["scales"].sum() + out["quats"][..., 1].sum() + out["sh"].sum() \
+        + out["opacities"].sum()
+    loss.backward()
+    for name, ps in groups.items():
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ps), name
+    assert avatar.set_sh_degree_for_iteration(1200) == 2 and avatar(c)["sh_degree"] == 2
+
+
+def test_residual_state(flame, head):
+    avatar = GaussianAvatar(flame, head[1], uv_size=48)
+    with torch.no_grad():
+        avatar.mlp_out.bias.uniform_(-0.5, 0.5)
+    c = FlameCodes.neutral(2)
+    out = avatar(c)
+    r = GaussianAvatar.residual_state(out)
+    N = avatar.n_gaussians
+    assert r["means"].shape == (2, N, 3) and r["quats"].shape == (2, N, 4) and r["scales"].shape == (2, N, 3)
+    # the residual does not contain the mesh: means - residual means = surface points Σ b_i V[f_i]
+    verts = flame.forward_codes(c)
+    tri = verts[:, flame.faces[avatar.face_ids]]
+    surface = torch.einsum("bnkc,nk->bnc", tri, avatar.barycentrics)
+    torch.testing.assert_close(out["means"] - r["means"], surface, atol=1e-6, rtol=0)
+    assert r["means"].abs().max() > 1e-3  # the offsets are really there (bias set above)
+    cov = residual_covariance(r["quats"].double(), r["scales"].double() * 1000)  # mm
+    torch.testing.assert_close(cov, cov.transpose(-1, -2))
+    assert (torch.linalg.eigvalsh(cov.double()) > 0).all()
+
+
+def test_template_must_match(flame, head, tmp_path):
+    obj = read_obj(head[1])
+    lines = [f"v {x} {y} {z}" for x, y, z in obj.vertices] + [f"vt {u} {v}" for u, v in obj.uvs]
+    faces = obj.faces[::-1]  # faces in another order
+    lines += [f"f {a + 1}/{a + 1} {b + 1}/{b + 1} {c + 1}/{c + 1}" for a, b, c in faces]
+    bad = tmp_path / "bad.obj"
+    bad.write_text("\n".join(lines))
+    with pytest.raises(ValueError, match="bad.obj: template faces"):
+        GaussianAvatar(flame, bad, uv_size=32)
+    no_uv = tmp_path / "no_uv.obj"
+    no_uv.write_text("\n".join([f"v {x} {y} {z}" for x, y, z in obj.vertices]
+                               + [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in obj.faces]))
+    with pytest.raises(ValueError, match="no_uv.obj: template OBJ has no texture"):
+        GaussianAvatar(flame, no_uv, uv_size=32)
