@@ -357,3 +357,47 @@ def test_face_parser_shapes_on_random_weights(tmp_path):
     assert P.run_face_parser(subject, tmp_path / "parser.pth", input_size=64, progress=False) == 0  # resumed
     maps = [M.read_label_map(subject / "labels" / f"{k:05d}.png") for k in (1, 2)]
     assert all(m.shape == (64, 64) for m in maps)
+
+
+def test_synthetic_subject_video_round_trip(tmp_path):
+    """Frames of the synthetic subject -> MP4 -> prepare (frames, masks from label maps, alpha) -> the
+    validator passes with the subject's tracker files, and the masks equal the subject's."""
+    from flashavatar import validate
+    from flashavatar.model.synthetic import make_subject
+
+    n, size = 8, 96
+    paths = make_subject(tmp_path / "synth", "s", n_frames=n, size=size)
+    source = paths.data_root / "s"
+    frames = np.stack([read(source / "imgs" / f"{k:05d}.jpg") for k in range(1, n + 1)])
+    video = encode(tmp_path / "s.mp4", frames, fps=25)
+    # label maps from the subject's masks: head = skin, inner mouth = mouth, rest of the person = cloth
+    labels_dir = tmp_path / "labels"
+    for k in range(1, n + 1):
+        head = read(source / "parsing" / f"{k:05d}_neckhead.png") > 127
+        mouth = read(source / "parsing" / f"{k:05d}_mouth.png") > 127
+        alpha = read(source / "alpha" / f"{k:05d}.jpg") > 127
+        labels = np.where(alpha, 16, 0).astype(np.uint8)
+        labels[head] = 1
+        labels[mouth] = 11
+        M.write_png(labels_dir / f"{k - 1:04d}.png", labels)  # zero-based, as parsing tools number them
+
+    out = tmp_path / "prepared"
+    argv = ["prepare", str(video), "--id", "s", "--out", str(out), "--size", str(size), "--box", f"0,0,{size},{size}",
+            "--labels-dir", str(labels_dir), "--alpha-dir", str(source / "alpha"), "--quiet"]
+    assert cli.main(argv) == 0
+    prepared = out / "s"
+    assert sorted(p.name for p in (prepared / "imgs").iterdir()) == [f"{k:05d}.jpg" for k in range(1, n + 1)]
+    for k in range(1, n + 1):
+        img = read(prepared / "imgs" / f"{k:05d}.jpg")
+        assert img.shape == (size, size, 3)
+        assert np.abs(img.astype(int) - frames[k - 1].astype(int)).mean() < 6  # video + JPG compression only
+        for kind in ("neckhead", "mouth"):
+            np.testing.assert_array_equal(read(prepared / "parsing" / f"{k:05d}_{kind}.png") > 127,
+                                          read(source / "parsing" / f"{k:05d}_{kind}.png") > 127)
+    report = validate.validate_subject(out, paths.tracker_root, "s", test_frames=2)
+    assert report.ok and not report.warnings, report.format()
+    # resuming writes nothing new
+    stamps = {p: p.stat().st_mtime_ns for p in prepared.rglob("*") if p.is_file() and p.name != "prepare.json"}
+    assert cli.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert set(p for p in prepared.rglob("*") if p.is_file() and p.name != "prepare.json") == set(stamps)
