@@ -57,7 +57,7 @@ def eval_sh(degree: int, sh: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
 
 
 def dense_rasterize(means, quats, scales, opacities, colors, viewmats, Ks, width, height, *,
-                    sh_degree=None, near=0.01, far=1e10, eps2d=0.3, backgrounds=None, tile_size=8):
+                    sh_degree=None, near=0.01, far=1e10, eps2d=0.3, backgrounds=None, tile_size=4):
     """Pure-torch dense splatting with the SPEC 6 signature.
 
     means [B?, N, 3], quats [B?, N, 4] (wxyz), scales [B?, N, 3] (std-devs), opacities [B?, N],
@@ -171,49 +171,60 @@ def dense_rasterize(means, quats, scales, opacities, colors, viewmats, Ks, width
         hit_x = ((u_s + ext_x)[..., None, :] >= tx0[:, None]) & ((u_s - ext_x)[..., None, :] <= tx1[:, None])
         hit_y = ((v_s + ext_y)[..., None, :] >= ty0[:, None]) & ((v_s - ext_y)[..., None, :] <= ty1[:, None])
         hit = (hit_y[..., :, None, :] & hit_x[..., None, :, :]) & live[..., None, None, :]  # [B,C,Ty,Tx,N]
-        hit = hit.reshape(b, c, tiles_y * tiles_x, n)
-        k = max(int(hit.sum(-1).max()), 1)
+        n_tiles = tiles_y * tiles_x
+        hit = hit.reshape(b * c * n_tiles, n)
+        counts = hit.sum(-1)  # [BC*T]
+        k_max = max(int(counts.max()), 1)
         # indices of the hit Gaussians of each tile, in depth order, padded with misses (alpha forced to 0)
-        sel = torch.argsort((~hit).to(torch.int8), dim=-1, stable=True)[..., :k]  # [B, C, T, K]
+        sel = torch.argsort((~hit).to(torch.int8), dim=-1, stable=True)[:, :k_max]  # [BC*T, K]
         sel_ok = torch.gather(hit, -1, sel)
+        # tiles grouped by hit count (powers of two) so that padding to the group's max wastes little work
+        bucket = torch.ceil(torch.log2(counts.clamp_min(1).to(torch.float32))).to(torch.int64)
+        bucket = torch.where(counts > 0, bucket, torch.full_like(bucket, -1))
 
-    def gather_tiles(t):  # [B, C, N, *f] -> [B, C, T, K, *f]
-        extra = t.shape[3:]
-        idx = sel.reshape(b, c, -1, *([1] * len(extra))).expand(b, c, sel.shape[2] * k, *extra)
-        return torch.gather(t, 2, idx).reshape(b, c, sel.shape[2], k, *extra)
+    feat_dim = feats_s.shape[-1]
+    # every per-Gaussian quantity the pixels need, packed: [BC*N, 6 + D + 1] (u, v, o, conic xx/xy/yy, f, z)
+    packed = torch.cat([u_s[..., None], v_s[..., None], opac_s[..., None], conic_s, feats_s, depth_s], -1)
+    packed = packed.reshape(b * c * n, -1)
 
-    ut, vt, ot = gather_tiles(u_s), gather_tiles(v_s), gather_tiles(opac_s) * sel_ok
-    ct, ft, dt = gather_tiles(conic_s), gather_tiles(feats_s), gather_tiles(depth_s)
-
-    # pixel centres of every tile: [T, ts*ts, 2] (pixels beyond the image edge are dropped at the end)
+    # pixel centres of every tile: [T, ts*ts] (pixels beyond the image edge are dropped at the end)
     ly, lx = torch.meshgrid(torch.arange(ts, device=means.device, dtype=dtype),
                             torch.arange(ts, device=means.device, dtype=dtype), indexing="ij")
     px = (tx0[None, :, None] + lx.reshape(1, 1, -1)).expand(tiles_y, tiles_x, ts * ts).reshape(-1, ts * ts)
     py = (ty0[:, None, None] + ly.reshape(1, 1, -1)).expand(tiles_y, tiles_x, ts * ts).reshape(-1, ts * ts)
 
-    dx = px[None, None, :, :, None] - ut[..., None, :]  # [B, C, T, p, K]
-    dy = py[None, None, :, :, None] - vt[..., None, :]
-    sigma = 0.5 * (ct[..., 0][..., None, :] * dx * dx + ct[..., 2][..., None, :] * dy * dy) \
-        + ct[..., 1][..., None, :] * dx * dy
-    alpha = torch.clamp_max(ot[..., None, :] * torch.exp(-sigma), 0.99)
-    alpha = torch.where((sigma >= 0) & (alpha >= 1.0 / 255.0), alpha, torch.zeros_like(alpha))
-    # a pixel stops before the Gaussian whose alpha would bring T to <= 1e-4 (and ignores all after it)
-    with torch.no_grad():
-        keep = torch.cumprod(1.0 - alpha, dim=-1) > 1e-4
-    alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
-    t_incl = torch.cumprod(1.0 - alpha, dim=-1)
-    t_excl = torch.cat([torch.ones_like(t_incl[..., :1]), t_incl[..., :-1]], -1)
-    w = alpha * t_excl  # [B, C, T, p, K]
-    rgb = w @ ft  # [B, C, T, p, D]
-    dep = w @ dt  # [B, C, T, p, 1]
-    alpha = 1.0 - t_incl[..., -1:]
+    out = packed.new_zeros(b * c * n_tiles, ts * ts, feat_dim + 2)  # f, depth, alpha per pixel
+    for level in torch.unique(bucket).tolist():
+        if level < 0:
+            continue  # tiles no Gaussian reaches stay empty
+        tiles = torch.nonzero(bucket == level).flatten()  # [nt]
+        k = min(2**level, k_max)
+        idx = sel[tiles, :k] + (tiles // n_tiles * n)[:, None]  # rows of `packed`
+        g = packed[idx.reshape(-1)].reshape(len(tiles), k, -1)  # [nt, K, F]
+        ok = sel_ok[tiles, :k]
+        local = tiles % n_tiles
+        dx = px[local][:, :, None] - g[:, None, :, 0]  # [nt, p, K]
+        dy = py[local][:, :, None] - g[:, None, :, 1]
+        sigma = 0.5 * (g[:, None, :, 3] * dx * dx + g[:, None, :, 5] * dy * dy) + g[:, None, :, 4] * dx * dy
+        alpha = torch.clamp_max((g[..., 2] * ok)[:, None, :] * torch.exp(-sigma), 0.99)
+        alpha = torch.where((sigma >= 0) & (alpha >= 1.0 / 255.0), alpha, torch.zeros_like(alpha))
+        # a pixel stops before the Gaussian whose alpha would bring T to <= 1e-4 (and ignores all after it)
+        with torch.no_grad():
+            keep = torch.cumprod(1.0 - alpha, dim=-1) > 1e-4
+        alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
+        t_incl = torch.cumprod(1.0 - alpha, dim=-1)
+        t_excl = torch.cat([torch.ones_like(t_incl[..., :1]), t_incl[..., :-1]], -1)
+        w = alpha * t_excl  # [nt, p, K]
+        shaded = w @ g[..., 6:]  # [nt, p, D + 1]
+        out = out.index_copy(0, tiles, torch.cat([shaded, 1.0 - t_incl[..., -1:]], -1))
 
-    def untile(t):  # [B, C, T, ts*ts, F] -> [B, C, H, W, F]
+    def untile(t):  # [BC*T, ts*ts, F] -> [B, C, H, W, F]
         f = t.shape[-1]
         t = t.reshape(b, c, tiles_y, tiles_x, ts, ts, f).permute(0, 1, 2, 4, 3, 5, 6)
         return t.reshape(b, c, tiles_y * ts, tiles_x * ts, f)[:, :, :height, :width]
 
-    rgb, dep, alpha = untile(rgb), untile(dep), untile(alpha)
+    out = untile(out)
+    rgb, dep, alpha = out[..., :feat_dim], out[..., feat_dim:feat_dim + 1], out[..., feat_dim + 1:]
     if backgrounds is not None:
         rgb = rgb + (1.0 - alpha) * backgrounds.to(dtype)[:, :, None, None, :]
     depth = dep / alpha.clamp_min(1e-10)  # expected depth
