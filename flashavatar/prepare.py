@@ -89,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="classes of the inner-mouth mask (default: mouth = class 11)")
     g.add_argument("--alpha-dir", type=Path, default=None,
                    help="matting outputs (alpha mattes, any common image format, same framing as the frames)")
+    g.add_argument("--alpha-video", type=Path, default=None,
+                   help="matting result of VIDEO itself (same size and frame count): cropped like the frames")
     g.add_argument("--alpha-first", type=int, default=None,
                    help="number of the alpha file that is frame 1 (default: the smallest number present)")
     g.add_argument("--alpha-feather", type=float, default=0.0,
@@ -106,11 +108,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         subject = Path(args.out) / args.id
+        if args.alpha_video is not None and (args.video is None or args.alpha_dir is not None):
+            raise PrepareError("--alpha-video needs VIDEO and excludes --alpha-dir")
         if args.video is not None:
             prepare_frames(args.video, subject, size=args.size, fps=args.fps, start=args.start, end=args.end,
                            max_frames=args.max_frames, box=args.box, tracker_bbox=args.tracker_bbox,
                            centre=args.centre_box, box_scale=args.box_scale, box_frames=args.box_frames,
-                           quality=args.quality, overwrite=args.overwrite, progress=not args.quiet)
+                           quality=args.quality, alpha_video=args.alpha_video, overwrite=args.overwrite,
+                           progress=not args.quiet)
         elif not (subject / "imgs").is_dir():
             raise PrepareError(f"no VIDEO given and {subject / 'imgs'} does not exist: nothing to work on")
         labels_dir = args.labels_dir
@@ -127,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         write_masks_and_alpha(subject, labels_dir=labels_dir, labels_first=args.labels_first,
                               alpha_dir=args.alpha_dir, alpha_first=args.alpha_first,
                               neckhead_labels=neckhead, mouth_labels=mouth, alpha_feather=args.alpha_feather,
-                              overwrite=args.overwrite, progress=not args.quiet)
+                              parsing_alpha=args.alpha_video is None, overwrite=args.overwrite,
+                              progress=not args.quiet)
     except (PrepareError, V.VideoError, ValueError, FileNotFoundError) as exc:
         print(f"flashavatar prepare: error: {exc}", file=sys.stderr)
         return 2
@@ -154,11 +160,15 @@ def prepare_frames(video: str | os.PathLike, subject: str | os.PathLike, *, size
                    fps: float | None = None, start: float = 0.0, end: float | None = None,
                    max_frames: int | None = None, box: str | tuple[int, int, int, int] | None = None,
                    tracker_bbox: str | os.PathLike | None = None, centre: bool = False, box_scale: float = 1.8,
-                   box_frames: int = 10, quality: int = 95, overwrite: bool = False,
-                   progress: bool = True) -> dict:
+                   box_frames: int = 10, quality: int = 95, alpha_video: str | os.PathLike | None = None,
+                   overwrite: bool = False, progress: bool = True) -> dict:
     """Decode ``video`` and write ``subject/imgs/00001.jpg`` … ; returns the manifest (also written to
     ``subject/prepare.json``) with ``box``, ``frames`` (count), ``written``, ``skipped`` and
-    ``source_frames`` (the 0-based source frame index of each output frame)."""
+    ``source_frames`` (the 0-based source frame index of each output frame).
+
+    ``alpha_video``: a matting result of the same video (same size and frame count, e.g. a matting network's
+    alpha output run on ``video``); its frames get the same selection and crop and go to ``alpha/``.
+    """
     if size < 16:
         raise ValueError(f"--size must be at least 16, got {size}")
     if max_frames is not None and max_frames < 1:
@@ -171,6 +181,13 @@ def prepare_frames(video: str | os.PathLike, subject: str | os.PathLike, *, size
     if info.duration is not None and start >= info.duration:
         raise PrepareError(f"--start {start} s is past the end of {video} ({info.duration:.2f} s)")
 
+    alpha_info = V.probe_video(alpha_video) if alpha_video is not None else None
+    if alpha_info is not None and (alpha_info.width, alpha_info.height) != (info.width, info.height):
+        raise PrepareError(f"--alpha-video {alpha_video}: {alpha_info.width}x{alpha_info.height} but {video} is "
+                           f"{info.width}x{info.height}; the matte must be computed on the same video")
+    if alpha_info is not None and abs(alpha_info.fps - info.fps) > 0.01 * info.fps:
+        log.warning("prepare: --alpha-video %s runs at %.3f fps, the video at %.3f fps; frames are paired by "
+                    "index", alpha_video, alpha_info.fps, info.fps)
     settings = {"video": str(Path(video).resolve()), "size": size, "fps": fps, "start": start, "end": end,
                 "max_frames": max_frames}
     manifest_path = subject / MANIFEST
@@ -188,20 +205,33 @@ def prepare_frames(video: str | os.PathLike, subject: str | os.PathLike, *, size
     bar = _progress(total, "frames", progress)
     out_index = written = skipped = 0
     source_frames: list[int] = []
-    for src_index, frame in enumerate(V.iter_frames(video)):
-        if selector.past_end(src_index) or (max_frames is not None and out_index >= max_frames):
-            break
-        if not selector.keep(src_index):
-            continue
-        out_index += 1
-        source_frames.append(src_index)
-        path = imgs / frame_name(out_index)
-        if path.exists() and not overwrite:
-            skipped += 1
-        else:
-            M.write_jpg(path, V.crop_square(frame, crop, size), quality=quality)
-            written += 1
-        bar.update(1)
+    frames = V.iter_frames(video)
+    mattes = V.iter_frames(alpha_video) if alpha_video is not None else None
+    try:
+        for src_index, frame in enumerate(frames):
+            matte = next(mattes, None) if mattes is not None else None
+            if mattes is not None and matte is None:
+                raise PrepareError(f"--alpha-video {alpha_video}: ends after {src_index} frames but {video} has more")
+            if selector.past_end(src_index) or (max_frames is not None and out_index >= max_frames):
+                break
+            if not selector.keep(src_index):
+                continue
+            out_index += 1
+            source_frames.append(src_index)
+            path = imgs / frame_name(out_index)
+            if path.exists() and not overwrite:
+                skipped += 1
+            else:
+                M.write_jpg(path, V.crop_square(frame, crop, size), quality=quality)
+                written += 1
+            alpha_path = subject / "alpha" / frame_name(out_index)
+            if matte is not None and (overwrite or not alpha_path.exists()):
+                M.write_jpg(alpha_path, V.crop_square(_grey(matte), crop, size), quality=quality)
+            bar.update(1)
+    finally:
+        frames.close()
+        if mattes is not None:
+            mattes.close()
     bar.close()
     if out_index == 0:
         raise PrepareError(f"{video}: no frames between {start} s and {end if end is not None else 'the end'}")
@@ -218,6 +248,23 @@ def prepare_frames(video: str | os.PathLike, subject: str | os.PathLike, *, size
     return {**manifest, "written": written, "skipped": skipped}
 
 
+def _grey(rgb: np.ndarray) -> np.ndarray:
+    """``[H, W, 3] uint8`` -> ``[H, W] uint8`` luminance (a grey matte stored in a colour video)."""
+    return np.clip(np.round(rgb[..., :3].astype(np.float32) @ np.float32([0.299, 0.587, 0.114])), 0, 255
+                   ).astype(np.uint8)
+
+
+def _first_frame(video) -> np.ndarray:
+    frames = V.iter_frames(video)
+    try:
+        frame = next(frames, None)
+    finally:
+        frames.close()
+    if frame is None:
+        raise PrepareError(f"{video}: the video has no frames")
+    return frame
+
+
 def _choose_box(video, info: V.VideoInfo, settings: dict, previous: dict | None, *, box, tracker_bbox, centre,
                 box_scale: float, box_frames: int, overwrite: bool) -> V.CropBox:
     if box is not None:
@@ -225,8 +272,9 @@ def _choose_box(video, info: V.VideoInfo, settings: dict, previous: dict | None,
         crop = V.square_box(*values, source="user")
     elif tracker_bbox is not None:
         crop = V.load_tracker_bbox(tracker_bbox)
-    elif centre:
-        crop = V.centre_box(info.width, info.height)
+    elif centre:  # from a decoded frame: ffmpeg applies the rotation flag, the metadata size does not
+        h, w = _first_frame(video).shape[:2]
+        crop = V.centre_box(w, h)
     else:
         crop = None
     if previous is not None and not overwrite:
@@ -244,16 +292,21 @@ def _choose_box(video, info: V.VideoInfo, settings: dict, previous: dict | None,
         return crop
     selector = V.select_frames(info.fps, target_fps=settings["fps"], start=settings["start"], end=settings["end"])
     first: list[np.ndarray] = []
-    for index, frame in enumerate(V.iter_frames(video)):
-        if len(first) >= max(1, box_frames) or selector.past_end(index):
-            break
-        if selector.keep(index):
-            first.append(frame)
+    frames = V.iter_frames(video)
+    try:
+        for index, frame in enumerate(frames):
+            if len(first) >= max(1, box_frames) or selector.past_end(index):
+                break
+            if selector.keep(index):
+                first.append(frame)
+    finally:
+        frames.close()
     crop = V.skin_box(first, scale=box_scale) if first else None
     if crop is None:
         log.warning("prepare: no face-sized skin region in the first frames; using the centred square "
                     "(pass --box or --tracker-bbox to choose)")
-        crop = V.centre_box(info.width, info.height)
+        h, w = (first[0] if first else _first_frame(video)).shape[:2]
+        crop = V.centre_box(w, h)
     return crop
 
 
@@ -302,11 +355,12 @@ def run_face_parser(subject: str | os.PathLike, weights: str | os.PathLike, *, d
 def write_masks_and_alpha(subject: str | os.PathLike, *, labels_dir: str | os.PathLike | None = None,
                           labels_first: int | None = None, alpha_dir: str | os.PathLike | None = None,
                           alpha_first: int | None = None, neckhead_labels=M.NECKHEAD_LABELS,
-                          mouth_labels=M.MOUTH_LABELS, alpha_feather: float = 0.0, overwrite: bool = False,
-                          progress: bool = True) -> dict:
+                          mouth_labels=M.MOUTH_LABELS, alpha_feather: float = 0.0, parsing_alpha: bool = True,
+                          overwrite: bool = False, progress: bool = True) -> dict:
     """Write ``parsing/NNNNN_{neckhead,mouth}.png`` and ``alpha/NNNNN.jpg`` for every frame in ``imgs/``.
 
     Returns counts ``{"masks": written, "alpha": written, "alpha_source": "matting"|"parsing"|None}``.
+    ``parsing_alpha=False`` turns the parsing-foreground fallback off (alpha comes from elsewhere).
     Every frame needs its label map (and its matte when ``alpha_dir`` is given): a missing one is an error
     naming the frame and the folder.
     """
@@ -314,8 +368,8 @@ def write_masks_and_alpha(subject: str | os.PathLike, *, labels_dir: str | os.Pa
     frames = _frames(subject)
     labels = _match(frames, labels_dir, labels_first, "label map", "--labels-dir") if labels_dir else None
     mattes = _match(frames, alpha_dir, alpha_first, "alpha matte", "--alpha-dir") if alpha_dir else None
-    alpha_source = "matting" if mattes is not None else ("parsing" if labels is not None else None)
-    if labels is None and mattes is None:
+    alpha_source = "matting" if mattes is not None else ("parsing" if labels is not None and parsing_alpha else None)
+    if labels is None and mattes is None and parsing_alpha:
         log.warning("prepare: no label maps (--labels-dir / --parsing-weights) and no mattes (--alpha-dir): "
                     "parsing/ and alpha/ are not written, and training needs both")
         return {"masks": 0, "alpha": 0, "alpha_source": None}

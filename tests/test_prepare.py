@@ -111,6 +111,27 @@ def test_resume_writes_nothing_new_and_fills_holes(video, tmp_path):
     assert redo["written"] == N_FRAMES and read(imgs / "00001.jpg").shape == (48, 48, 3)
 
 
+def test_alpha_video_is_cropped_like_the_frames(video, tmp_path, capsys):
+    path, frames = video
+    mattes = np.where((frames == np.array(SKIN, np.uint8)).all(-1, keepdims=True), 255, 0).astype(np.uint8)
+    matte_video = encode(tmp_path / "pha.mp4", np.repeat(mattes, 3, axis=-1))
+    result = P.prepare_frames(path, tmp_path / "s", size=48, fps=FPS / 3, box="24,0,120,96", alpha_video=matte_video,
+                              progress=False)
+    assert result["source_frames"] == list(range(0, N_FRAMES, 3))
+    for k, src in enumerate(result["source_frames"], start=1):
+        alpha = read(tmp_path / "s" / "alpha" / f"{k:05d}.jpg")
+        expected = np.asarray(Image.fromarray(mattes[src, 0:96, 24:120, 0]).resize((48, 48), Image.Resampling.BICUBIC))
+        assert alpha.shape == (48, 48) and np.abs(alpha.astype(int) - expected.astype(int)).mean() < 6
+    small = encode(tmp_path / "small.mp4", np.repeat(mattes[:, :48, :64], 3, axis=-1))
+    with pytest.raises(P.PrepareError, match="small.mp4: 64x48 but"):
+        P.prepare_frames(path, tmp_path / "t", size=48, alpha_video=small, progress=False)
+    short = encode(tmp_path / "short.mp4", np.repeat(mattes[:5], 3, axis=-1))
+    with pytest.raises(P.PrepareError, match="short.mp4: ends after 5 frames"):
+        P.prepare_frames(path, tmp_path / "u", size=48, box="0,0,96,96", alpha_video=short, progress=False)
+    assert cli.main(["prepare", "--id", "s", "--out", str(tmp_path), "--alpha-video", str(matte_video)]) == 2
+    assert "--alpha-video needs VIDEO" in capsys.readouterr().err
+
+
 def test_automatic_box_finds_the_skin_region(video, tmp_path):
     path, _ = video
     result = P.prepare_frames(path, tmp_path / "s", size=32, box_scale=1.5, box_frames=4, progress=False)
@@ -343,11 +364,12 @@ def test_face_parser_shapes_on_random_weights(tmp_path):
     labels = parse_faces(loaded, np.random.default_rng(0).integers(0, 255, (2, 40, 40, 3), dtype=np.uint8),
                          input_size=64)
     assert labels.shape == (2, 40, 40) and labels.dtype == np.uint8 and labels.max() < 19
-    bad = dict(net.state_dict())
-    bad.pop("conv_out.conv_out.weight")
-    torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="missing: conv_out.conv_out.weight"):
-        load_face_parser(tmp_path / "bad.pth")
+    # another network's checkpoint: the mismatch is listed (a small file; the real one is 53 MB)
+    torch.save({"cp.resnet.conv1.weight": torch.zeros(64, 3, 3, 3), "fc.weight": torch.zeros(2, 2)},
+               tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"other.pth: not a BiSeNet.*missing: .*unexpected: fc.weight; "
+                                         r"wrong shape: cp.resnet.conv1.weight"):
+        load_face_parser(tmp_path / "other.pth")
     with pytest.raises(FileNotFoundError, match="never downloads"):
         load_face_parser(tmp_path / "absent.pth")
     # through prepare: label maps for every frame, then masks from them
