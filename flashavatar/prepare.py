@@ -5,8 +5,8 @@ Stages, each resumable (a file that already exists is kept unless ``--overwrite`
 1. **frames** (when VIDEO is given): decode, keep ``--start``..``--end`` seconds thinned to ``--fps``, crop
    with one box for the whole video, resize to ``--size``², write ``<out>/<id>/imgs/00001.jpg`` … (1-based).
    The box comes from ``--box``, from a metrical-tracker ``bbox.pt`` (``--tracker-bbox``), or automatically
-   from the first frames (a skin-colour heuristic, falling back to the centred square; see
-   :mod:`flashavatar.data.video`). The choices are recorded in ``<out>/<id>/prepare.json``; a resumed run
+   from the first frames (a skin-colour heuristic, moved inside the frame where it fits, falling back to the
+   centred square; see :mod:`flashavatar.data.video`). The choices are recorded in ``<out>/<id>/prepare.json``; a resumed run
    with different choices is refused (pass ``--overwrite`` to start over).
 2. **labels** (``--parsing-weights``): run the BiSeNet face parser on the frames and keep its label maps in
    ``<id>/labels/00001.png`` (class indices, CelebAMask-HQ order).
@@ -302,6 +302,8 @@ def _choose_box(video, info: V.VideoInfo, settings: dict, previous: dict | None,
     finally:
         frames.close()
     crop = V.skin_box(first, scale=box_scale) if first else None
+    if crop is not None:  # no black borders where the head sits near the frame's edge
+        crop = V.shift_inside(crop, first[0].shape[1], first[0].shape[0])
     if crop is None:
         log.warning("prepare: no face-sized skin region in the first frames; using the centred square "
                     "(pass --box or --tracker-bbox to choose)")

@@ -28,8 +28,9 @@ def synthetic_frames(n=N_FRAMES, skin=True):
     for i in range(n):
         f = frames[i]
         f[...] = BACKDROP
-        if skin:
+        if skin:  # a head (ellipse) on a narrower neck that runs to the bottom of the frame
             f[((xx - 70 - i * 0.5) / 22) ** 2 + ((yy - 48) / 30) ** 2 < 1] = SKIN
+            f[70:, 61 + i // 2:81 + i // 2] = SKIN
         f[4:20, 4:20] = 8 * i + 20
     return frames
 
@@ -138,9 +139,10 @@ def test_automatic_box_finds_the_skin_region(video, tmp_path):
     x0, y0, x1, y1 = result["box"]
     assert result["box_source"] == "skin"
     assert x1 - x0 == y1 - y0  # square
-    # ellipse centre ~(70.75, 48), half-axes 22 x 30 -> square side ~1.5 * 60 = 90 around the centre
-    assert abs((x0 + x1) / 2 - 70.75) <= 3 and abs((y0 + y1) / 2 - 48) <= 3
-    assert 80 <= x1 - x0 <= 100
+    # the box holds the whole head (ellipse centre ~(70.75, 48), half-axes 22 x 30 in the first frames) and is
+    # sized by the face, not by face + neck (the neck would make the skin region 78 px tall -> side 117)
+    assert x0 <= 70.75 - 22 and x1 >= 70.75 + 22 + 2 and y0 <= 48 - 30 and y1 >= 48 + 30
+    assert 70 <= x1 - x0 <= 100
     # resuming without a box reuses the automatic box found the first time
     again = P.prepare_frames(path, tmp_path / "s", size=32, box_scale=1.5, box_frames=4, progress=False)
     assert again["box"] == result["box"] and again["written"] == 0
@@ -175,6 +177,8 @@ def test_crop_modes():
     assert np.all(out[:, 0] == 0) and np.all(out[:, 8] == 0)
     np.testing.assert_array_equal(out[:, 1:8], frame[0:9, 2:9])
     assert V.square_box(10, 20, 30, 60).as_tuple() == (0, 20, 40, 60)
+    assert V.shift_inside(V.CropBox(-5, 90, 35, 130), 100, 120).as_tuple() == (0, 80, 40, 120)
+    assert V.shift_inside(V.CropBox(-5, -10, 135, 130), 100, 200).as_tuple() == (-5, 0, 135, 140)
     assert V.parse_box("1, 2, 30, 40") == (1, 2, 30, 40)
     with pytest.raises(ValueError, match="--box"):
         V.parse_box("1,2,3")

@@ -184,6 +184,20 @@ def square_box(x0: float, y0: float, x1: float, y1: float, *, scale: float = 1.0
     return CropBox(left, top, left + side, top + side, mode="square", source=source)
 
 
+def shift_inside(box: CropBox, width: int, height: int) -> CropBox:
+    """Move a square box (same size) so it lies inside a ``width × height`` frame, where it fits; an axis on
+    which it is larger than the frame stays centred where it was (the outside is padded black)."""
+    def shift(lo: int, hi: int, limit: int) -> tuple[int, int]:
+        if hi - lo > limit:
+            return lo, hi
+        offset = -lo if lo < 0 else (limit - hi if hi > limit else 0)
+        return lo + offset, hi + offset
+
+    x0, x1 = shift(box.x0, box.x1, width)
+    y0, y1 = shift(box.y0, box.y1, height)
+    return dataclasses.replace(box, x0=x0, y0=y0, x1=x1, y1=y1)
+
+
 def centre_box(width: int, height: int) -> CropBox:
     """The largest centred square inside a ``width × height`` frame."""
     side = min(width, height)
@@ -296,10 +310,12 @@ def skin_box(frames: list[np.ndarray], *, scale: float = 1.8, min_fraction: floa
              ) -> CropBox | None:
     """A square head box from the first frames of a video, or None when no face-sized skin region is found.
 
-    For each frame: skin mask (:func:`skin_mask`), opened to drop specks, largest connected region; its
-    bounding box ``[x0, y0, x1, y1]``. The median box over the frames (robust to a bad frame) is made square
-    around its centre with side ``scale × max(width, height)`` (face box → head-and-neck box). Regions below
-    ``min_fraction`` of the frame area are ignored.
+    For each frame: skin mask (:func:`skin_mask`), opened to drop specks, largest connected region. The face
+    is the top of that region down to where it narrows into the neck (the first row, at least 0.8 face
+    widths below the top, whose extent falls under 75% of the widest row so far), so a visible neck or
+    shoulders do not stretch the box. The median face box over the frames (robust to a bad frame) is made
+    square around its centre with side ``scale × max(width, height)`` (face → head with hair). Regions
+    below ``min_fraction`` of the frame area are ignored.
     """
     from scipy import ndimage
 
@@ -313,9 +329,25 @@ def skin_box(frames: list[np.ndarray], *, scale: float = 1.8, min_fraction: floa
         best = int(np.argmax(areas))
         if areas[best] < min_fraction * mask.size:
             continue
-        sl = ndimage.find_objects(labels)[best]
-        boxes.append((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
+        boxes.append(_face_box(labels == best + 1))
     if not boxes:
         return None
     x0, y0, x1, y1 = np.median(np.asarray(boxes, dtype=np.float64), axis=0)
     return square_box(x0, y0, x1, y1, scale=scale, source="skin")
+
+
+def _face_box(region: np.ndarray) -> tuple[int, int, int, int]:
+    """``[x0, y0, x1, y1]`` (half-open) of the face part of a skin region ``[H, W] bool``: from its top row
+    down to where it narrows into the neck (see :func:`skin_box`)."""
+    rows = np.nonzero(region.any(axis=1))[0]
+    top, bottom = int(rows[0]), int(rows[-1]) + 1
+    widest = 0
+    for r in range(top, bottom):
+        cols = np.nonzero(region[r])[0]
+        extent = int(cols[-1] - cols[0] + 1) if cols.size else 0
+        widest = max(widest, extent)
+        if r - top >= 0.8 * widest and extent < 0.75 * widest:
+            bottom = r
+            break
+    cols = np.nonzero(region[top:bottom].any(axis=0))[0]
+    return int(cols[0]), top, int(cols[-1]) + 1, bottom
