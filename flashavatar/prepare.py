@@ -5,9 +5,10 @@ Stages, each resumable (a file that already exists is kept unless ``--overwrite`
 1. **frames** (when VIDEO is given): decode, keep ``--start``..``--end`` seconds thinned to ``--fps``, crop
    with one box for the whole video, resize to ``--size``², write ``<out>/<id>/imgs/00001.jpg`` … (1-based).
    The box comes from ``--box``, from a metrical-tracker ``bbox.pt`` (``--tracker-bbox``), or automatically
-   from the first frames (a skin-colour heuristic, moved inside the frame where it fits, falling back to the
-   centred square; see :mod:`flashavatar.data.video`). The choices are recorded in ``<out>/<id>/prepare.json``; a resumed run
-   with different choices is refused (pass ``--overwrite`` to start over).
+   from the first frames (a skin-colour heuristic, moved inside the frame where it fits, falling back to
+   the centred square; see :mod:`flashavatar.data.video`). The choices are recorded in
+   ``<out>/<id>/prepare.json``; a resumed run with different choices is refused (``--overwrite`` redoes).
+   ``--alpha-video`` (a matte of VIDEO itself) is cropped the same way into ``alpha/``.
 2. **labels** (``--parsing-weights``): run the BiSeNet face parser on the frames and keep its label maps in
    ``<id>/labels/00001.png`` (class indices, CelebAMask-HQ order).
 3. **masks**: from label maps (``--labels-dir``, or ``<id>/labels`` when it exists) write
@@ -18,6 +19,11 @@ Stages, each resumable (a file that already exists is kept unless ``--overwrite`
 
 Files in ``--labels-dir``/``--alpha-dir`` are matched to frames by the last number in their name; the file
 numbered ``--labels-first``/``--alpha-first`` (default: the smallest number present) is frame 1.
+
+FLAME tracking is not part of this command (it needs licensed models). The tracker's intrinsics must
+describe *these* frames: either run metrical-tracker on ``imgs/`` with its own cropping off, or let it crop
+the raw video and pass its ``bbox.pt`` here as ``--tracker-bbox`` so both crops agree. ``flashavatar
+validate`` then checks that sizes and pairing line up.
 """
 
 from __future__ import annotations
@@ -52,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for frames already in <out>/<id>/imgs")
     parser.add_argument("--id", required=True, help="subject name: files go to <out>/<id>/")
     parser.add_argument("--out", required=True, type=Path, help="data root (the folder holding <id>/)")
-    g = parser.add_argument_group("frames")
+    g = parser.add_argument_group(
+        "frames", "One crop box for the whole video. Without --box, --tracker-bbox or --centre-box it is found "
+        "automatically: the largest skin-coloured region in the first frames (YCbCr skin window; no detector "
+        "weights needed), cut at the neck, scaled by --box-scale; the centred square if no skin is found.")
     g.add_argument("--size", type=int, default=512, help="output frames are SIZE×SIZE (default 512)")
     g.add_argument("--fps", type=float, default=None, help="keep at most this many frames per second "
                    "(default: every frame)")
@@ -69,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     box.add_argument("--centre-box", action="store_true",
                      help="crop the largest centred square (no face search)")
     g.add_argument("--box-scale", type=float, default=1.8,
-                   help="automatic box: square side = this × the skin region's size (default 1.8)")
+                   help="automatic box: square side = this × the face's size (default 1.8)")
     g.add_argument("--box-frames", type=int, default=10,
                    help="automatic box: number of first kept frames to look at (default 10)")
     g = parser.add_argument_group("masks and alpha")
