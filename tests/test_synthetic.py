@@ -92,9 +92,9 @@ def test_rasterizer_depth_order_and_coverage():
     fid, bary, depth = rasterize_triangles(verts, faces, K, 64, 64)
     assert ((fid == 0) | (fid == 1)).sum() == 20 * 20  # the near square spans 20x20 pixels
     assert (fid >= 2).sum() == 30 * 30 - 20 * 20  # the far square shows only around the near one
-    np.testing.assert_allclose(depth[(fid == 0) | (fid == 1)], 1.0)
-    np.testing.assert_allclose(depth[fid >= 2], 2.0)
-    np.testing.assert_allclose(bary[fid >= 0].sum(-1), 1.0)
+    np.testing.assert_allclose(depth[(fid == 0) | (fid == 1)], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(depth[fid >= 2], 2.0, rtol=1e-6)
+    np.testing.assert_allclose(bary[fid >= 0].sum(-1), 1.0, rtol=1e-6)
 
 
 def test_subject_files_and_cli(tmp_path):

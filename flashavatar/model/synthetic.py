@@ -20,6 +20,7 @@ a background; it is independent of the project's Gaussian rasteriser, so trainin
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -579,67 +581,91 @@ def _sample_texture(tex: np.ndarray, uv: np.ndarray) -> np.ndarray:
     x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
     x1, y1 = np.minimum(x0 + 1, S_w - 1), np.minimum(y0 + 1, S_h - 1)
     fx, fy = (x - x0)[:, None], (y - y0)[:, None]
-    t = tex.astype(np.float32) / 255.0
+    t = tex.astype(np.float32) * np.float32(1 / 255.0)
     return (t[y0, x0] * (1 - fx) * (1 - fy) + t[y0, x1] * fx * (1 - fy)
             + t[y1, x0] * (1 - fx) * fy + t[y1, x1] * fx * fy)
 
 
 # ------------------------------------------------------------------------------------------- rasteriser
+@contextmanager
+def _torch_threads(n: int):
+    """Small tensors: thread start-up costs more than it gains (and the machine may be shared)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def rasterize_triangles(cam_verts: np.ndarray, faces: np.ndarray, K: np.ndarray, height: int, width: int,
                         cull_back: np.ndarray | None = None, near: float = 0.01):
     """Z-buffer rasterisation of triangles given in camera coordinates (OpenCV).
 
     ``cam_verts [V, 3]``, ``faces [F, 3]``, ``K [3, 3]``; pixel (i, j) is sampled at its centre
     (i + 0.5, j + 0.5). ``cull_back [F]`` bool: drop those faces when they face away from the camera.
-    Returns ``face_id [H, W]`` (−1 = empty), perspective-correct ``bary [H, W, 3]``, ``depth [H, W]``.
+    Returns NumPy ``face_id [H, W]`` (−1 = empty), perspective-correct ``bary [H, W, 3]``, ``depth [H, W]``.
+    Every face enumerates the pixel centres of its bounding box (vectorised, in torch for speed); the
+    nearest candidate per pixel wins (scatter-min of depth, ties to the lowest candidate).
     """
+    with _torch_threads(1):
+        return _rasterize_triangles(cam_verts, faces, K, height, width, cull_back, near)
+
+
+def _rasterize_triangles(cam_verts, faces, K, height, width, cull_back, near):
     H, W = height, width
-    z = cam_verts[:, 2]
-    px = np.stack((K[0, 0] * cam_verts[:, 0] / np.maximum(z, 1e-9) + K[0, 2],
-                   K[1, 1] * cam_verts[:, 1] / np.maximum(z, 1e-9) + K[1, 2]), -1)
-    tri_z = z[faces]
+    v = torch.as_tensor(cam_verts, dtype=torch.float64)
+    f_all = torch.as_tensor(np.asarray(faces), dtype=torch.long)
+    z = v[:, 2]
+    zs = z.clamp_min(1e-9)
+    px = torch.stack((K[0, 0] * v[:, 0] / zs + K[0, 2], K[1, 1] * v[:, 1] / zs + K[1, 2]), -1)
+    tri_z = z[f_all]
     keep = (tri_z > near).all(1)
     if cull_back is not None:
-        tri3 = cam_verts[faces]
-        n = np.cross(tri3[:, 1] - tri3[:, 0], tri3[:, 2] - tri3[:, 0])
+        tri3 = v[f_all]
+        n = torch.cross(tri3[:, 1] - tri3[:, 0], tri3[:, 2] - tri3[:, 0], dim=-1)
         facing = (n * tri3.mean(1)).sum(-1) < 0
-        keep &= facing | ~cull_back
-    fidx = np.nonzero(keep)[0]
-    tri = px[faces[fidx]]  # [F', 3, 2]
-    lo = np.clip(np.ceil(tri.min(1) - 0.5), 0, [W, H]).astype(np.int64)
-    hi = np.clip(np.floor(tri.max(1) - 0.5), -1, [W - 1, H - 1]).astype(np.int64)
-    nx, ny = np.maximum(hi[:, 0] - lo[:, 0] + 1, 0), np.maximum(hi[:, 1] - lo[:, 1] + 1, 0)
+        keep &= facing | ~torch.as_tensor(cull_back)
+    fidx = torch.nonzero(keep)[:, 0]
+    tri = px[f_all[fidx]]  # [F', 3, 2]
+    bounds = torch.tensor([W - 1, H - 1], dtype=torch.float64)
+    lo = torch.minimum(torch.ceil(tri.min(1).values - 0.5).clamp_min(0), bounds + 1).long()
+    hi = torch.minimum(torch.floor(tri.max(1).values - 0.5), bounds).clamp_min(-1).long()
+    nx, ny = (hi[:, 0] - lo[:, 0] + 1).clamp_min(0), (hi[:, 1] - lo[:, 1] + 1).clamp_min(0)
     e1, e2 = tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
     area2 = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-    counts = np.where(np.abs(area2) > 1e-12, nx * ny, 0)
+    counts = torch.where(area2.abs() > 1e-12, nx * ny, 0)
     face_id = np.full(H * W, -1, np.int64)
-    bary = np.zeros((H * W, 3))
-    depth = np.full(H * W, np.inf)
+    bary = np.zeros((H * W, 3), np.float32)
+    depth = np.full(H * W, np.inf, np.float32)
     total = int(counts.sum())
     if total == 0:
         return face_id.reshape(H, W), bary.reshape(H, W, 3), depth.reshape(H, W)
-    f = np.repeat(np.arange(len(fidx)), counts)
-    local = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-    ix = lo[f, 0] + local % nx[f]
-    iy = lo[f, 1] + local // nx[f]
-    p = np.stack((ix + 0.5, iy + 0.5), -1) - tri[f, 0]
-    l1 = (p[:, 0] * e2[f, 1] - p[:, 1] * e2[f, 0]) / area2[f]
-    l2 = (e1[f, 0] * p[:, 1] - e1[f, 1] * p[:, 0]) / area2[f]
-    b = np.stack((1 - l1 - l2, l1, l2), -1)
-    inside = (b >= 0).all(-1)
-    f, ix, iy, b = f[inside], ix[inside], iy[inside], b[inside]
-    bz = b / tri_z[fidx[f]]  # perspective-correct weights
-    inv_depth = bz.sum(-1)
-    d = 1.0 / inv_depth
+    f = torch.repeat_interleave(torch.arange(len(fidx)), counts, output_size=total)
+    local = torch.arange(total) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=total)
+    nxf = nx[f]
+    ix = lo[f, 0] + local % nxf
+    iy = lo[f, 1] + torch.div(local, nxf, rounding_mode="floor")
+    tri32, e1, e2 = tri.float(), e1.float(), e2.float()
+    inv_area = (1.0 / torch.where(area2 == 0, 1.0, area2)).float()
+    px_ = (ix.float() + 0.5) - tri32[f, 0, 0]
+    py_ = (iy.float() + 0.5) - tri32[f, 0, 1]
+    l1 = (px_ * e2[f, 1] - py_ * e2[f, 0]) * inv_area[f]
+    l2 = (e1[f, 0] * py_ - e1[f, 1] * px_) * inv_area[f]
+    inside = (l1 >= 0) & (l2 >= 0) & (l1 + l2 <= 1)
+    f, ix, iy, l1, l2 = f[inside], ix[inside], iy[inside], l1[inside], l2[inside]
+    bz = torch.stack((1 - l1 - l2, l1, l2), -1) / tri_z[fidx[f]].float()  # perspective-correct weights
+    d = 1.0 / bz.sum(-1)
     pix = iy * W + ix
-    order = np.lexsort((d, pix))
-    pix, f, bz, d = pix[order], f[order], bz[order], d[order]
-    first = np.ones(len(pix), bool)
-    first[1:] = pix[1:] != pix[:-1]
-    pix, f, bz, d = pix[first], f[first], bz[first], d[first]
-    face_id[pix] = fidx[f]
-    bary[pix] = bz / bz.sum(-1, keepdims=True)
-    depth[pix] = d
+    zbuf = torch.full((H * W,), float("inf")).scatter_reduce_(0, pix, d, "amin")
+    cand = torch.nonzero(d == zbuf[pix])[:, 0]
+    first = torch.full((H * W,), len(pix), dtype=torch.long).scatter_reduce_(0, pix[cand], cand, "amin")
+    hit = first < len(pix)
+    sel = first[hit]
+    hit_np = hit.numpy()
+    face_id[hit_np] = fidx[f[sel]].numpy()
+    bary[hit_np] = (bz[sel] / bz[sel].sum(-1, keepdim=True)).numpy()
+    depth[hit_np] = d[sel].numpy()
     return face_id.reshape(H, W), bary.reshape(H, W, 3), depth.reshape(H, W)
 
 
@@ -651,6 +677,7 @@ def _vertex_normals(v, f):
     return vn / np.maximum(np.linalg.norm(vn, axis=-1, keepdims=True), 1e-12)
 
 
+@functools.lru_cache(maxsize=2)
 def _torso_mesh(n_around=48, n_down=10):
     """An elliptic cylinder with a domed top (shoulders), closed on top."""
     a = 2 * np.pi * np.arange(n_around) / n_around
@@ -675,6 +702,16 @@ def _torso_mesh(n_around=48, n_down=10):
 
 
 _LIGHT = np.array([0.35, 0.55, 1.0]) / np.linalg.norm([0.35, 0.55, 1.0])
+
+
+@functools.lru_cache(maxsize=4)
+def _background(Hs: int, Ws: int, seed: int) -> np.ndarray:
+    """A soft grey-blue wall gradient ``[Hs*Ws, 3]`` float32 (what the matting alpha removes)."""
+    yy = (np.arange(Hs) + 0.5)[:, None] / Hs
+    xx = (np.arange(Ws) + 0.5)[None, :] / Ws
+    bg = np.stack(np.broadcast_arrays(0.60 - 0.12 * yy + 0.03 * np.sin(9 * xx + seed), 0.63 - 0.12 * yy + 0 * xx,
+                                      0.69 - 0.10 * yy + 0.02 * np.cos(7 * xx)), -1)
+    return bg.reshape(-1, 3).astype(np.float32)
 
 
 def render_frame_codes(head: HeadModel, tex: np.ndarray, verts: np.ndarray, viewmat: np.ndarray, K: np.ndarray,
@@ -713,7 +750,7 @@ def render_frame_codes(head: HeadModel, tex: np.ndarray, verts: np.ndarray, view
     fid = face_id[hit]
     b = bary[hit]
     mat = material[fid]
-    colour = np.zeros((len(fid), 3))
+    colour = np.zeros((len(fid), 3), np.float32)
     normals = np.concatenate((_vertex_normals(hv, hf), np.zeros((len(cav_v), 3)), _vertex_normals(tv, tf)))
     nrm = (normals[all_f[fid]] * b[..., None]).sum(1)
     nrm /= np.maximum(np.linalg.norm(nrm, axis=-1, keepdims=True), 1e-12)
@@ -729,24 +766,21 @@ def render_frame_codes(head: HeadModel, tex: np.ndarray, verts: np.ndarray, view
     m2 = mat == 2
     colour[m2] = np.array([0.22, 0.3, 0.52]) * shade[m2, None]
 
-    full = np.zeros((Hs * Ws, 3))
-    full[hit.ravel()] = colour
-    yy = (np.arange(Hs) + 0.5)[:, None] / Hs
-    xx = (np.arange(Ws) + 0.5)[None, :] / Ws
-    bg = np.stack((0.60 - 0.12 * yy + 0.03 * np.sin(9 * xx + background_seed),
-                   0.63 - 0.12 * yy + 0.0 * xx, 0.69 - 0.10 * yy + 0.02 * np.cos(7 * xx)), -1)
-    bg = np.broadcast_to(bg, (Hs, Ws, 3)).reshape(-1, 3)
     fg = hit.ravel()
-    img = np.where(fg[:, None], full, bg)
-    is_head = np.zeros(Hs * Ws, bool)
-    is_mouth = np.zeros(Hs * Ws, bool)
-    is_head[np.flatnonzero(fg)] = mat != 2
-    is_mouth[np.flatnonzero(fg)] = m1
+    img = _background(Hs, Ws, background_seed).copy()  # [Hs*Ws, 3] float32
+    img[fg] = colour
+    is_head = np.zeros(Hs * Ws, np.float32)
+    is_mouth = np.zeros(Hs * Ws, np.float32)
+    is_head[fg] = mat != 2
+    is_mouth[fg] = m1
 
-    image = img.reshape(height, ss, width, ss, 3).mean(axis=(1, 3))  # box filter = anti-aliasing
-    alpha = fg.reshape(height, ss, width, ss).mean(axis=(1, 3))
-    head_mask = is_head.reshape(height, ss, width, ss).mean(axis=(1, 3)) >= 0.5
-    mouth_mask = is_mouth.reshape(height, ss, width, ss).mean(axis=(1, 3)) >= 0.5
+    def box(a):  # [Hs*Ws, ...] -> [H, W, ...] box filter (= anti-aliasing)
+        a = a.reshape(height, ss, width, ss, *a.shape[1:])
+        return a.sum(3).sum(1) / (ss * ss)
+    image = box(img)
+    alpha = box(fg.astype(np.float32))
+    head_mask = box(is_head) >= 0.5
+    mouth_mask = box(is_mouth) >= 0.5
     return {"image": (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), "alpha": alpha,
             "head_mask": head_mask, "mouth_mask": mouth_mask}
 
@@ -841,13 +875,35 @@ def tracker_frame_dict(codes: dict, k: int, viewmat: np.ndarray, K: np.ndarray, 
     }
 
 
+_JOB = None  # what the forked render workers need (set by make_subject)
+
+
+def _render_and_write(frames: list[int]) -> int:
+    import imageio.v3 as iio
+
+    head, tex, verts, viewmats, K, height, width, supersample, subj = _JOB
+    for k in frames:
+        out = render_frame_codes(head, tex, verts[k], viewmats[k], K, height, width, supersample)
+        name = f"{k + 1:05d}"
+        _atomic_save(subj / "imgs" / f"{name}.jpg",
+                     lambda p: iio.imwrite(p, out["image"], extension=".jpg", quality=95))
+        alpha8 = (out["alpha"] * 255 + 0.5).astype(np.uint8)
+        _atomic_save(subj / "alpha" / f"{name}.jpg", lambda p: iio.imwrite(p, alpha8, extension=".jpg", quality=95))
+        for part, m in (("neckhead", out["head_mask"]), ("mouth", out["mouth_mask"])):
+            _atomic_save(subj / "parsing" / f"{name}_{part}.png",
+                         lambda p, m=m: iio.imwrite(p, m.astype(np.uint8) * 255, extension=".png"))
+    return len(frames)
+
+
 def make_subject(root, subject_id: str = "synthetic", *, n_frames: int = 240, size=256, seed: int = 0,
-                 supersample: int = 2, model_dir=None, progress: bool = False) -> SubjectPaths:
+                 supersample: int = 2, model_dir=None, progress: bool = False, workers: int | None = None
+                 ) -> SubjectPaths:
     """Write a synthetic subject (see the module docstring for the layout).
 
     ``size``: int (square) or ``(height, width)``. The default (240 frames, 256², supersample 2) takes well
     under a minute on 2 cores; the head model goes to ``model_dir`` (default ``<root>/flame``) and is
-    reused when it is already there.
+    reused when it is already there. ``workers``: render processes (default: CPU count, at most 8; forked,
+    so only where ``fork`` exists, else one).
     """
     import imageio.v3 as iio
     import torch
@@ -880,21 +936,33 @@ def make_subject(root, subject_id: str = "synthetic", *, n_frames: int = 240, si
     ckpt = root / "tracker" / subject_id / "checkpoint"
     for d in (subj / "imgs", subj / "alpha", subj / "parsing", ckpt):
         d.mkdir(parents=True, exist_ok=True)
-    it = range(n_frames)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc=f"synth {subject_id}", unit="frame")
-    for k in it:
-        out = render_frame_codes(head, tex, verts[k], viewmats[k], K, height, width, supersample)
-        name = f"{k + 1:05d}"
-        _atomic_save(subj / "imgs" / f"{name}.jpg", lambda p: iio.imwrite(p, out["image"], extension=".jpg", quality=95))
-        alpha8 = (out["alpha"] * 255 + 0.5).astype(np.uint8)
-        _atomic_save(subj / "alpha" / f"{name}.jpg", lambda p: iio.imwrite(p, alpha8, extension=".jpg", quality=95))
-        for part, m in (("neckhead", out["head_mask"]), ("mouth", out["mouth_mask"])):
-            _atomic_save(subj / "parsing" / f"{name}_{part}.png",
-                         lambda p, m=m: iio.imwrite(p, m.astype(np.uint8) * 255, extension=".png"))
+    for k in range(n_frames):
         frame = tracker_frame_dict(codes, k, viewmats[k], K, height, width)
         _atomic_save(ckpt / f"{k:05d}.frame", lambda p, fr=frame: torch.save(fr, p))
+
+    global _JOB
+    _JOB = (head, tex, verts, viewmats, K, height, width, supersample, subj)
+    workers = max(1, min(int(workers if workers is not None else (os.cpu_count() or 1)), 8, n_frames))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n_frames, desc=f"synth {subject_id}", unit="frame")
+    try:
+        if workers > 1 and "fork" in __import__("multiprocessing").get_all_start_methods():
+            import multiprocessing as mp
+            with mp.get_context("fork").Pool(workers) as pool:
+                for done in pool.imap_unordered(_render_and_write, [[k] for k in range(n_frames)], chunksize=4):
+                    if bar is not None:
+                        bar.update(done)
+        else:
+            for k in range(n_frames):
+                _render_and_write([k])
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        _JOB = None
+        if bar is not None:
+            bar.close()
     meta = {"subject_id": subject_id, "n_frames": n_frames, "height": height, "width": width, "seed": seed,
             "supersample": supersample, "model_dir": str(model_dir), "seconds": round(time.time() - t0, 2)}
     _atomic_write_bytes(subj / "subject.json", json.dumps(meta, indent=2).encode())
