@@ -45,6 +45,9 @@ def test_split_pairing_and_items(subject):
     assert item["alpha"].shape == (H, W) and item["head_mask"].dtype == torch.bool
     assert (item["width"], item["height"]) == (W, H)
     assert item["expr"].shape == (100,) and item["eyes"].shape == (12,) and item["eyelids"].shape == (2,)
+    short = _ds(subject.data_root, subject.tracker_root, n_shape=100, n_expr=50)  # fewer components: truncated
+    assert short[0]["shape"].shape == (100,) and short[0]["expr"].shape == (50,)
+    torch.testing.assert_close(short[0]["expr"], train[0]["expr"][:50])
     with pytest.raises(ValueError, match="n_test=12 leaves no training frames"):
         _ds(subject.data_root, subject.tracker_root, n_test=12)
 

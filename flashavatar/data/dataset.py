@@ -169,12 +169,12 @@ class FlashAvatarDataset(Dataset):
             raise IndexError(f"index {i} out of range for {len(self)} frames")
         item = dict(self.load_images(i))
         fr = self.frames[i]
-        item.update(viewmat=self.viewmats[i], K=self.Ks[i], width=self.width, height=self.height,
+        # clones: a view would carry the whole [T, ...] storage into DataLoader worker queues
+        item.update(viewmat=self.viewmats[i].clone(), K=self.Ks[i].clone(), width=self.width, height=self.height,
                     frame_index=self.frame_indices[i], image_index=self.frame_indices[i] + self.frame_offset,
-                    index=i, **{k: v[i] for k, v in self.codes.as_dict().items()})
+                    index=i, **{k: v[i].clone() for k, v in self.codes.as_dict().items()})
         if self.return_gt:
             item["gt"] = compose_gt(item["image"], item["alpha"], item["head_mask"], self.background)
-        del fr
         return item
 
     def gt(self, batch: dict, device=None) -> torch.Tensor:

@@ -65,10 +65,12 @@ def _array(d, key, path, width=None, shape=None):
     except KeyError:
         raise ValueError(f"{path}: missing key '{key}'") from None
     a = np.asarray(raw.detach().cpu().numpy() if torch.is_tensor(raw) else raw, dtype=np.float64)
-    if width is not None:
-        if a.size != width or (a.ndim == 2 and a.shape[0] != 1) or a.ndim > 2:
-            raise ValueError(f"{path}: '{key}' has shape {a.shape}, expected (1, {width})")
-        return a.reshape(width)
+    if width is not None:  # codes: (1, >= width) or (>= width,); extra components are dropped
+        if a.ndim == 2 and a.shape[0] == 1:
+            a = a[0]
+        if a.ndim != 1 or a.shape[0] < width:
+            raise ValueError(f"{path}: '{key}' has shape {np.shape(raw)}, expected (1, {width})")
+        return a[:width]
     if a.size != int(np.prod(shape)):
         raise ValueError(f"{path}: '{key}' has shape {a.shape}, expected (1, {', '.join(map(str, shape))})")
     a = a.reshape(shape)
@@ -78,7 +80,8 @@ def _array(d, key, path, width=None, shape=None):
 
 
 def load_tracker_frame(path, *, n_shape: int = 300, n_expr: int = 100) -> TrackerFrame:
-    """Read and validate one ``.frame`` file (see the module docstring about trust). Errors name the file."""
+    """Read and validate one ``.frame`` file (see the module docstring about trust). Errors name the file.
+    The first ``n_shape`` / ``n_expr`` components are kept (files with fewer are an error)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tracker frame not found: {path}")

@@ -223,6 +223,8 @@ class GaussianAvatar(nn.Module):
         all_faces = flame.faces.cpu().numpy()
         canon = (v_canon[all_faces[face_ids]] * bary[..., None]).sum(1)  # [N, 3]
         self.register_buffer("face_ids", torch.as_tensor(face_ids, dtype=torch.long))
+        # vertex indices of each Gaussian's triangle [N, 3] (non-persistent: derived from the FLAME faces)
+        self.register_buffer("gaussian_faces", flame.faces.cpu()[self.face_ids], persistent=False)
         self.register_buffer("barycentrics", torch.as_tensor(bary, dtype=torch.float32))
         self.register_buffer("uv", torch.as_tensor(uv, dtype=torch.float32))
         self.register_buffer("is_mouth", torch.as_tensor(is_mouth))
@@ -274,6 +276,15 @@ class GaussianAvatar(nn.Module):
         lrs = {**DEFAULT_LRS, **(lrs or {})}
         return [{"name": k, "params": v, "lr": lrs[k]} for k, v in self.parameter_groups().items()]
 
+    @torch.no_grad()
+    def set_colors(self, rgb: torch.Tensor) -> None:
+        """Set the view-independent colour ``rgb [N, 3]`` in [0, 1] (SH DC; higher bands zeroed)."""
+        rgb = torch.as_tensor(rgb, dtype=self.features_dc.dtype, device=self.features_dc.device)
+        if rgb.shape != (self.n_gaussians, 3):
+            raise ValueError(f"set_colors: rgb has shape {tuple(rgb.shape)}, expected [{self.n_gaussians}, 3]")
+        self.features_dc[:, 0] = (rgb - 0.5) / 0.28209479177387814  # SH band-0 constant
+        self.features_rest.zero_()
+
     def set_sh_degree_for_iteration(self, iteration: int, every: int = 500) -> int:
         """Active SH degree rises by one every ``every`` iterations up to the maximum."""
         self.active_sh_degree = min(self.max_sh_degree, iteration // every)
@@ -286,10 +297,11 @@ class GaussianAvatar(nn.Module):
         h = torch.relu(self.mlp_in_pe(pe)[None] + self.mlp_in_cond(cond)[:, None])  # [B, N, hidden]
         return torch.tanh(self.mlp_out(self.mlp_hidden(h)))
 
-    def face_frames(self, vertices: torch.Tensor) -> torch.Tensor:
+    def face_frames(self, vertices: torch.Tensor, tri: torch.Tensor | None = None) -> torch.Tensor:
         """Orthonormal tangent frame per Gaussian's triangle as quaternions ``[B, N, 4]``: columns
         (edge v0→v1, normal × edge, normal)."""
-        tri = vertices[:, self.flame.faces[self.face_ids]]  # [B, N, 3, 3]
+        if tri is None:
+            tri = vertices[:, self.gaussian_faces]  # [B, N, 3, 3]
         e1 = tri[:, :, 1] - tri[:, :, 0]
         n = torch.cross(e1, tri[:, :, 2] - tri[:, :, 0], dim=-1)
         e1 = e1 / e1.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -308,7 +320,7 @@ class GaussianAvatar(nn.Module):
         cond = c.condition().to(self.canonical_means.dtype)
         if cond.shape != (B, self.cond_dim):
             raise ValueError(f"GaussianAvatar: condition has shape {tuple(cond.shape)}, expected [{B}, {self.cond_dim}]")
-        tri = vertices[:, self.flame.faces[self.face_ids]]  # [B, N, 3, 3]
+        tri = vertices[:, self.gaussian_faces]  # [B, N, 3 corners, 3]
         surface = (tri * self.barycentrics[None, :, :, None]).sum(2)  # [B, N, 3]
 
         out = self.mlp(cond)  # [B, N, 10]
@@ -322,7 +334,7 @@ class GaussianAvatar(nn.Module):
             quats = q_local
             log_s = self.log_scale * torch.exp(delta_scale)
         else:
-            quats = quat_multiply(self.face_frames(vertices), q_local)
+            quats = quat_multiply(self.face_frames(vertices, tri), q_local)
             log_s = self.log_scale + delta_scale
         scales = torch.exp(log_s)
         sh = torch.cat((self.features_dc, self.features_rest), dim=1)  # [N, 16, 3]
