@@ -21,7 +21,8 @@
 //
 // Forward returns (render [B,C,H,W,D], alpha [B,C,H,W,1], depth [B,C,H,W,1] = sum_i w_i z_i (not normalised),
 // radii [B,C,N] int32 (0 = culled), means2d [B,C,N,2], conics [B,C,N,3], colors_eval [B,C,N,D],
-// depths [B,C,N], and the state the backward pass reuses: last_ids [B,C,H,W] int32, sorted_ids [B*C*N]
+// depths [B,C,N], and the state the backward pass reuses: last_ids [B,C,H,W] int32 (list position after the
+// pixel's last contributor), transmittance [B,C,H,W] (final T, kept exactly rather than as 1 - alpha), sorted_ids [B*C*N]
 // int32, isect_ids [capacity] int32, tile_ranges [B*C*tiles, 2] int32, offsets [B*C*N] int32). The CPU
 // path recomputes what it needs, so its tiling tensors are empty.
 #pragma once
@@ -32,7 +33,7 @@
 namespace flashavatar {
 
 using RasterFwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+                                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using RasterBwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Validates the inputs (shapes, dtypes, devices, contiguity) with messages naming the op and the argument.
@@ -56,7 +57,8 @@ RasterBwdOut rasterize_bwd_cpu(const at::Tensor& means, const at::Tensor& quats,
                                int64_t height, int64_t sh_degree, double near_plane, double far_plane,
                                double eps2d, const at::Tensor& alpha, const at::Tensor& radii,
                                const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& colors_eval,
-                               const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& sorted_ids,
+                               const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& transmittance,
+                               const at::Tensor& sorted_ids,
                                const at::Tensor& isect_ids, const at::Tensor& tile_ranges, const at::Tensor& offsets,
                                const at::Tensor& grad_render, const at::Tensor& grad_alpha,
                                const at::Tensor& grad_depth);
@@ -73,7 +75,8 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
                                 int64_t height, int64_t sh_degree, double near_plane, double far_plane,
                                 double eps2d, const at::Tensor& alpha, const at::Tensor& radii,
                                 const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& colors_eval,
-                                const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& sorted_ids,
+                                const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& transmittance,
+                               const at::Tensor& sorted_ids,
                                 const at::Tensor& isect_ids, const at::Tensor& tile_ranges,
                                 const at::Tensor& offsets, const at::Tensor& grad_render,
                                 const at::Tensor& grad_alpha, const at::Tensor& grad_depth);

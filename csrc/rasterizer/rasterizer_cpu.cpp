@@ -119,6 +119,25 @@ std::vector<int64_t> project_image(int64_t N, int64_t K, int64_t D, int sh_degre
   return kept;
 }
 
+// Depth-ordered Gaussian lists per 16x16 pixel block, so a pixel only walks the Gaussians whose bounds can
+// reach its block (the per-pixel bounds test below still decides exactly, so this changes no result).
+template <typename T>
+std::vector<std::vector<int64_t>> bin_by_block(const std::vector<int64_t>& order, const std::vector<Projected<T>>& proj,
+                                               int64_t W, int64_t H) {
+  const int64_t bs = raster::kTileSize, bx = (W + bs - 1) / bs, by = (H + bs - 1) / bs;
+  std::vector<std::vector<int64_t>> lists(bx * by);
+  for (int64_t id : order) {
+    const raster::PixelRect& r = proj[id].rect;
+    for (int64_t ty = r.y0 / bs; ty <= r.y1 / bs; ++ty)
+      for (int64_t tx = r.x0 / bs; tx <= r.x1 / bs; ++tx) lists[ty * bx + tx].push_back(id);
+  }
+  return lists;
+}
+inline int64_t block_of(int64_t x, int64_t y, int64_t W) {
+  const int64_t bs = raster::kTileSize;
+  return (y / bs) * ((W + bs - 1) / bs) + x / bs;
+}
+
 inline bool covers(const raster::PixelRect& r, int64_t x, int64_t y) {
   return x >= r.x0 && x <= r.x1 && y >= r.y0 && y <= r.y1;
 }
@@ -188,6 +207,7 @@ void forward_cpu_impl(const at::Tensor& means, const at::Tensor& quats, const at
         dep[n] = proj[n].depth;
         for (int64_t c = 0; c < D; ++c) ce[n * D + c] = col[n * D + c];
       }
+      const auto lists = bin_by_block(order, proj, W, H);
       T* out = render.data_ptr<T>() + img * H * W * D;
       T* out_a = alpha.data_ptr<T>() + img * H * W;
       T* out_d = depth.data_ptr<T>() + img * H * W;
@@ -197,7 +217,7 @@ void forward_cpu_impl(const at::Tensor& means, const at::Tensor& quats, const at
         for (int64_t x = 0; x < W; ++x) {
           std::fill(acc.begin(), acc.end(), T(0));
           T accz = T(0);
-          const T trans = blend_pixel(order, proj, x, y, opac, [&](const Hit<T>& h) {
+          const T trans = blend_pixel(lists[block_of(x, y, W)], proj, x, y, opac, [&](const Hit<T>& h) {
             const T w = h.alpha * h.T_before;
             for (int64_t c = 0; c < D; ++c) acc[c] += w * col[h.id * D + c];
             accz += w * proj[h.id].depth;
@@ -244,10 +264,12 @@ void backward_cpu_impl(const at::Tensor& means, const at::Tensor& quats, const a
         const T* ga = g_alpha.data_ptr<T>() + img * H * W;
         const T* gd = g_depth.data_ptr<T>() + img * H * W;
         const T* bgi = bg ? bg + img * D : nullptr;
+        const auto lists = bin_by_block(order, proj, W, H);
         for (int64_t y = 0; y < H; ++y)
           for (int64_t x = 0; x < W; ++x) {
             hits.clear();
-            const T t_final = blend_pixel(order, proj, x, y, ob, [&](const Hit<T>& h) { hits.push_back(h); });
+            const T t_final =
+                blend_pixel(lists[block_of(x, y, W)], proj, x, y, ob, [&](const Hit<T>& h) { hits.push_back(h); });
             const int64_t pix = y * W + x;
             const T* gc = gr + pix * D;
             // Running sums over the Gaussians behind the current one (background included).
@@ -338,7 +360,8 @@ RasterFwdOut rasterize_fwd_cpu(const at::Tensor& means, const at::Tensor& quats,
                                scalar_t(near_plane), scalar_t(far_plane), scalar_t(eps2d), render, alpha, depth,
                                radii, means2d, conics, colors_eval, depths);
   });
-  return {render, alpha, depth, radii, means2d, conics, colors_eval, depths, last_ids,
+  at::Tensor transmittance = (1 - alpha).reshape({B, C, H, W});
+  return {render, alpha, depth, radii, means2d, conics, colors_eval, depths, last_ids, transmittance,
           empty, empty.clone(), empty_ranges, empty.clone()};
 }
 
@@ -348,7 +371,8 @@ RasterBwdOut rasterize_bwd_cpu(const at::Tensor& means, const at::Tensor& quats,
                                int64_t height, int64_t sh_degree, double near_plane, double far_plane,
                                double eps2d, const at::Tensor& alpha, const at::Tensor& radii,
                                const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& colors_eval,
-                               const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& sorted_ids,
+                               const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& transmittance,
+                               const at::Tensor& sorted_ids,
                                const at::Tensor& isect_ids, const at::Tensor& tile_ranges, const at::Tensor& offsets,
                                const at::Tensor& grad_render, const at::Tensor& grad_alpha,
                                const at::Tensor& grad_depth) {
@@ -363,7 +387,7 @@ RasterBwdOut rasterize_bwd_cpu(const at::Tensor& means, const at::Tensor& quats,
   FA_CHECK(op, grad_depth.sizes() == at::IntArrayRef({B, C, H, W, 1}), "grad_depth has shape ",
            sizes_str(grad_depth));
   // The CPU path recomputes projection and per-pixel lists; the saved forward state is not needed.
-  (void)alpha, (void)radii, (void)means2d, (void)conics, (void)colors_eval, (void)depths, (void)last_ids;
+  (void)alpha, (void)radii, (void)means2d, (void)conics, (void)colors_eval, (void)depths, (void)last_ids, (void)transmittance;
   (void)sorted_ids, (void)isect_ids, (void)tile_ranges, (void)offsets;
   const at::Tensor gr = grad_render.to(means.scalar_type()).contiguous();
   const at::Tensor ga = grad_alpha.to(means.scalar_type()).contiguous();

@@ -24,6 +24,8 @@ __all__ = ["rasterize_gaussians"]
 
 _TILE = 16
 _OP = "rasterize_gaussians"
+# Tests set this to force a tiny intersection capacity (exercises the overflow fallback).
+_FORCE_CAPACITY: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -42,7 +44,7 @@ def _fwd_fake(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds
     else:
         tiling = (i(0), i(0), i(0, 2), i(0))
     return (f((B, C, H, W, D)), f((B, C, H, W, 1)), f((B, C, H, W, 1)), i(B, C, N), f((B, C, N, 2)),
-            f((B, C, N, 3)), f((B, C, N, D)), f((B, C, N)), i(B, C, H, W)) + tiling
+            f((B, C, N, 3)), f((B, C, N, D)), f((B, C, N)), i(B, C, H, W), f((B, C, H, W))) + tiling
 
 
 def _bwd_fake(means, quats, scales, opacities, colors, *rest):
@@ -53,18 +55,19 @@ def _bwd_fake(means, quats, scales, opacities, colors, *rest):
 def _setup_context(ctx, inputs, output):
     (means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height, sh_degree, near_plane,
      far_plane, eps2d, _capacity) = inputs
-    (_render, alpha, _depth, radii, means2d, conics, colors_eval, depths, last_ids, sorted_ids, isect_ids,
-     tile_ranges, offsets) = output
+    (_render, alpha, _depth, radii, means2d, conics, colors_eval, depths, last_ids, transmittance, sorted_ids,
+     isect_ids, tile_ranges, offsets) = output
     ctx.save_for_backward(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, alpha, radii, means2d,
-                          conics, colors_eval, depths, last_ids, sorted_ids, isect_ids, tile_ranges, offsets)
+                          conics, colors_eval, depths, last_ids, transmittance, sorted_ids, isect_ids, tile_ranges,
+                          offsets)
     ctx.params = (width, height, sh_degree, near_plane, far_plane, eps2d)
     # Only render, alpha and depth carry gradients; the rest is bookkeeping (means2d has no gradient).
-    ctx.mark_non_differentiable(means2d, conics, colors_eval, depths)
+    ctx.mark_non_differentiable(means2d, conics, colors_eval, depths, transmittance)
 
 
 def _backward(ctx, g_render, g_alpha, g_depth, *unused):
     (means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, alpha, radii, means2d, conics, colors_eval,
-     depths, last_ids, sorted_ids, isect_ids, tile_ranges, offsets) = ctx.saved_tensors
+     depths, last_ids, transmittance, sorted_ids, isect_ids, tile_ranges, offsets) = ctx.saved_tensors
     width, height, sh_degree, near_plane, far_plane, eps2d = ctx.params
     B, C, D = means.shape[0], viewmats.shape[1], colors.shape[3]
     shape = (B, C, height, width)
@@ -73,8 +76,8 @@ def _backward(ctx, g_render, g_alpha, g_depth, *unused):
     g_depth = means.new_zeros(shape + (1,)) if g_depth is None else g_depth.contiguous()
     d_means, d_quats, d_scales, d_opac, d_colors = torch.ops.flashavatar.rasterize_bwd(
         means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height, sh_degree, near_plane,
-        far_plane, eps2d, alpha, radii, means2d, conics, colors_eval, depths, last_ids, sorted_ids, isect_ids,
-        tile_ranges, offsets, g_render, g_alpha, g_depth)
+        far_plane, eps2d, alpha, radii, means2d, conics, colors_eval, depths, last_ids, transmittance, sorted_ids,
+        isect_ids, tile_ranges, offsets, g_render, g_alpha, g_depth)
     d_bg = None
     if backgrounds is not None and ctx.needs_input_grad[7]:
         d_bg = (g_render * (1 - alpha)).sum(dim=(2, 3))  # render = ... + T_final * background
@@ -229,6 +232,10 @@ def rasterize_gaussians(
     if backgrounds is not None:
         named["backgrounds"] = _check_tensor("backgrounds", backgrounds)
     device = means.device
+    for n in ("quats", "scales", "opacities", "colors", "backgrounds"):
+        if n in named and named[n].dtype != means.dtype:
+            raise TypeError(f"{_OP}: {n} has dtype {named[n].dtype} (shape {_shape(named[n])}) but means has "
+                            f"{means.dtype}; Gaussian tensors must share one dtype")
     for n, t in named.items():
         if t.device != device:
             raise ValueError(f"{_OP}: {n} is on {t.device} but means is on {device}; put all inputs on one device")
@@ -238,6 +245,8 @@ def rasterize_gaussians(
         raise ValueError(f"{_OP}: width and height must be positive, got {width}x{height}")
     if sh_degree is not None and not (0 <= int(sh_degree) <= 3):
         raise ValueError(f"{_OP}: sh_degree must be None or in 0..3, got {sh_degree}")
+    if not (0 < near < far):
+        raise ValueError(f"{_OP}: need 0 < near < far, got near={near}, far={far}")
 
     # Shapes: batch dims from means.
     if means.dim() < 2 or means.shape[-1] != 3:
@@ -297,14 +306,14 @@ def rasterize_gaussians(
         cap_state = _capacity_state(device, B * C, N, width, height)
         if not capturing:
             cap_state.update()
-        capacity = cap_state.value
+        capacity = cap_state.value if _FORCE_CAPACITY is None else int(_FORCE_CAPACITY)
 
     out = torch.ops.flashavatar.rasterize_fwd(m, q, s, o, col, vm, k, bg, width, height,
                                               -1 if sh_degree is None else int(sh_degree), float(near), float(far),
                                               float(eps2d), capacity)
     render, alpha, depth, radii, means2d, conics, colors_eval, depths = out[:8]
     if cap_state is not None and not capturing:
-        cap_state.record(out[12])
+        cap_state.record(out[13])
 
     lead = batch + (C,)
     meta = {
