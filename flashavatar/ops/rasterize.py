@@ -116,8 +116,10 @@ class _Capacity:
         if self.event is not None and self.event.query():
             need = int(self.pinned[0])  # host memory: no device sync
             self.event = None
-            if need > self.value:
-                self.value = _round_capacity(int(need * 1.25))
+            target = _round_capacity(int(need * 1.25) + 1)
+            # Grow on overflow; shrink when far too big (the tile sort's cost follows the capacity).
+            if need > self.value or target < self.value // 2:
+                self.value = target
 
     def record(self, offsets: Tensor) -> None:
         if offsets.numel() == 0:
@@ -193,6 +195,8 @@ def rasterize_gaussians(
     eps2d: float = 0.3,
     backgrounds: Tensor | None = None,
     check_finite: bool = True,
+    near_plane: float | None = None,
+    far_plane: float | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Render 3D Gaussians into C cameras (gsplat ``rasterization`` classic mode conventions).
 
@@ -211,6 +215,7 @@ def rasterize_gaussians(
         near, far: Gaussians whose camera depth is outside [near, far] are culled.
         eps2d: low-pass filter added to the 2D covariance diagonal (pixels^2).
         backgrounds: ``[..., C, D]`` colour behind the Gaussians (default: none, i.e. black).
+        near_plane, far_plane: gsplat's names for near and far (take precedence when given).
         check_finite: raise on NaN/inf inputs. This costs one device-to-host read on CUDA; it is skipped
             automatically while a CUDA graph is being captured (pass False for a fully asynchronous call).
 
@@ -226,6 +231,8 @@ def rasterize_gaussians(
     Inputs in float16/bfloat16 are computed in float32; float64 runs in float64 on the CPU (for gradcheck) and
     in float32 on CUDA. Outputs are float32 (float64 for float64 CPU inputs).
     """
+    near = near if near_plane is None else near_plane
+    far = far if far_plane is None else far_plane
     named = {n: _check_tensor(n, t) for n, t in (("means", means), ("quats", quats), ("scales", scales),
                                                  ("opacities", opacities), ("colors", colors),
                                                  ("viewmats", viewmats), ("Ks", Ks))}
