@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv 
 t0=$(date +%s)
 MAX_JOBS=4 python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 ))s"; grep -i "spill\|error" "$OUT/build.log" | head -5
-python3 -m pytest tests/test_rasterize_cuda.py -q -x -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+python3 -m pytest tests/test_rasterize_cuda.py -q -p no:cacheprovider --durations=5 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
 echo "waiting for gsplat build..."; for i in $(seq 1 60); do grep -q "gsplat built\|Error" "$OUT/gsplat_build.log" && break; sleep 5; done
 tail -2 "$OUT/gsplat_build.log"
 python3 benchmarks/bench_rasterize.py ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
