@@ -5,3 +5,4 @@ pure-PyTorch versions that tests (and readers) trust.
 """
 
 from ._ext import available, cuda_compiled  # noqa: F401
+from .rasterize import rasterize_gaussians  # noqa: F401,E402

@@ -1,0 +1,209 @@
+"""Benchmark: flashavatar.ops.rasterize_gaussians vs gsplat 1.5.3 (``gsplat.rasterization``, classic mode).
+
+Head-like scenes of 15k / 50k / 200k Gaussians at 512x512, 1 and 16 cameras, forward and forward+backward,
+timed with CUDA events (warm-up, median of many runs), in the same process. Also: PSNR between our image and
+gsplat's, a CUDA-graph-replay row (gsplat cannot be captured: it reads the tile count back to the host), and a
+per-kernel breakdown from the PyTorch profiler. Prints a table and writes JSON with the device name.
+
+    python benchmarks/bench_rasterize.py [--out benchmarks/results/rasterize_<gpu>.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from raster_scenes import cameras, head_scene  # noqa: E402
+
+from flashavatar.ops import rasterize_gaussians  # noqa: E402
+
+W = H = 512
+
+
+def scene(n: int, n_cams: int, device="cuda"):
+    # Scales shrink with N so the head surface stays covered about equally (an avatar's density).
+    scale = 0.8 * math.sqrt(0.1 / n)
+    m, q, s, o, c = head_scene(n, d=3, seed=n, scale=scale, dtype=torch.float32)
+    vm, K = cameras(n_cams, W, H, distance=0.45, dtype=torch.float32)
+    return [t.to(device) for t in (m, q, s, o, c, vm, K)]
+
+
+def time_cuda(fn, warmup=10, reps=50) -> float:
+    """Median milliseconds of fn() measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def ours_fns(args, cot):
+    leaves = [t.clone().requires_grad_(i < 5) for i, t in enumerate(args)]
+
+    def fwd():
+        with torch.no_grad():
+            return rasterize_gaussians(*leaves, W, H, check_finite=False)
+
+    def fwd_bwd():
+        r, a, _ = rasterize_gaussians(*leaves, W, H, check_finite=False)
+        return torch.autograd.grad(r, leaves[:5], cot)
+
+    return fwd, fwd_bwd, leaves
+
+
+def gsplat_fns(args, cot):
+    import gsplat
+
+    leaves = [t.clone().requires_grad_(i < 5) for i, t in enumerate(args)]
+
+    def call():
+        return gsplat.rasterization(*leaves, W, H, near_plane=0.01, rasterize_mode="classic")
+
+    def fwd():
+        with torch.no_grad():
+            return call()
+
+    def fwd_bwd():
+        r, a, _ = call()
+        return torch.autograd.grad(r, leaves[:5], cot)
+
+    return fwd, fwd_bwd
+
+
+def graph_fn(fn):
+    """Capture fn once and return a replay function."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.float() - b.float()).square().mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def kernel_breakdown(fn, rows=14) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:rows]:
+        if e.device_time_total <= 0:
+            continue
+        out.append({"kernel": e.key[:90], "calls_per_iter": e.count / 20, "us_per_iter": e.device_time_total / 20})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--no-gsplat", action="store_true")
+    opt = ap.parse_args()
+    reps = 20 if opt.quick else 50
+    dev_name = torch.cuda.get_device_name()
+    have_gsplat = False
+    if not opt.no_gsplat:
+        try:
+            t0 = time.time()
+            import gsplat  # noqa: F401
+            from gsplat.cuda._backend import _C as gs_c  # compiles on first use
+
+            have_gsplat = gs_c is not None
+            print(f"gsplat {gsplat.__version__} ready in {time.time() - t0:.0f}s", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"gsplat unavailable: {type(exc).__name__}: {exc}", flush=True)
+
+    rows = []
+    for n in (15_000, 50_000, 200_000):
+        for n_cams in (1, 16):
+            args = scene(n, n_cams)
+            cot = torch.rand(n_cams, H, W, 3, device="cuda")
+            fwd, fwd_bwd, _ = ours_fns(args, cot)
+            row = {"gaussians": n, "cameras": n_cams, "ours_fwd_ms": time_cuda(fwd, reps=reps),
+                   "ours_fwd_bwd_ms": time_cuda(fwd_bwd, reps=reps)}
+            if n_cams == 1 and n <= 50_000:
+                row["ours_fwd_graph_ms"] = time_cuda(graph_fn(fwd), reps=reps)
+                row["ours_fwd_bwd_graph_ms"] = time_cuda(graph_fn(fwd_bwd), reps=reps)
+            r_ours = fwd()[0]
+            row["ours_alpha_mean"] = fwd()[1].mean().item()
+            if have_gsplat:
+                gfwd, gfwd_bwd = gsplat_fns(args, cot)
+                row["gsplat_fwd_ms"] = time_cuda(gfwd, reps=reps)
+                row["gsplat_fwd_bwd_ms"] = time_cuda(gfwd_bwd, reps=reps)
+                row["psnr_vs_gsplat_db"] = psnr(r_ours, gfwd()[0])
+                row["speedup_fwd"] = row["gsplat_fwd_ms"] / row["ours_fwd_ms"]
+                row["speedup_fwd_bwd"] = row["gsplat_fwd_bwd_ms"] / row["ours_fwd_bwd_ms"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del args, fwd, fwd_bwd
+
+    args = scene(15_000, 1)
+    cot = torch.rand(1, H, W, 3, device="cuda")
+    fwd, fwd_bwd, _ = ours_fns(args, cot)
+    breakdown = {"ours_15k_1cam_fwd_bwd": kernel_breakdown(fwd_bwd)}
+    if have_gsplat:
+        breakdown["gsplat_15k_1cam_fwd_bwd"] = kernel_breakdown(gsplat_fns(args, cot)[1])
+
+    hdr = (f"{'N':>7} {'cams':>4} | {'ours fwd':>9} {'gsplat':>8} {'x':>5} | {'ours f+b':>9} {'gsplat':>8} {'x':>5} | "
+           f"{'graph fwd':>9} {'graph f+b':>9} | {'PSNR dB':>7}")
+    print("\n" + dev_name)
+    print(hdr)
+    print("-" * len(hdr))
+    f = lambda r, k, fmt="{:.3f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
+    for r in rows:
+        print(f"{r['gaussians']:>7} {r['cameras']:>4} | {f(r, 'ours_fwd_ms'):>9} {f(r, 'gsplat_fwd_ms'):>8} "
+              f"{f(r, 'speedup_fwd', '{:.2f}'):>5} | {f(r, 'ours_fwd_bwd_ms'):>9} {f(r, 'gsplat_fwd_bwd_ms'):>8} "
+              f"{f(r, 'speedup_fwd_bwd', '{:.2f}'):>5} | {f(r, 'ours_fwd_graph_ms'):>9} "
+              f"{f(r, 'ours_fwd_bwd_graph_ms'):>9} | {f(r, 'psnr_vs_gsplat_db', '{:.1f}'):>7}")
+    print("(ms, median of CUDA-event timings; x = gsplat time / ours)")
+    for name, table in breakdown.items():
+        print(f"\nper-kernel, {name} (us per iteration):")
+        for e in table:
+            print(f"  {e['us_per_iter']:8.1f}  x{e['calls_per_iter']:<4g} {e['kernel']}")
+
+    result = {"device": dev_name, "torch": torch.__version__, "width": W, "height": H, "rows": rows,
+              "kernels": breakdown, "notes": "ours called with check_finite=False (no host sync); gsplat "
+              "rasterization(packed=True default, classic mode); fwd under no_grad; fwd+bwd = forward + "
+              "torch.autograd.grad of the colour image w.r.t. means, quats, scales, opacities, colors"}
+    out = opt.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                  "rasterize_" + dev_name.replace(" ", "_") + ".json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(tmp, out)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,713 @@
+// CUDA rasteriser. Pipeline for B*C images in one launch sequence, with no host-device synchronisation:
+//
+//   project      one thread per (image, Gaussian): EWA projection, SH colour, opacity-aware pixel bounds,
+//                the number of 16x16 tiles touched, and a (image, depth) sort key
+//   depth sort   cub radix sort of those keys -> every image's Gaussians front to back (static size B*C*N)
+//   scan         tile counts in depth order -> inclusive offsets (static size)
+//   emit         each Gaussian writes (image*tiles + tile) keys, in depth order, into a buffer of fixed
+//                `capacity`; writes past it are dropped. The rest of the buffer is padded with a sentinel.
+//   tile sort    cub radix sort on the tile key only. It is stable, so entries of one tile stay in depth
+//                order: the sort needs log2(images*tiles) bits instead of the peers' 64-bit tile|depth keys.
+//   ranges       start/end of every tile in the sorted list
+//   render       one 16x16 block per tile, Gaussians staged in shared memory in batches of 256, early exit
+//                once every pixel of the tile is saturated.
+//
+// Overflow: the total number of intersections is known only on the device. An image whose intersections
+// did not all fit (its last offset > capacity) is rendered by the same kernels from its depth-sorted Gaussian
+// list instead (static size N; every Gaussian tested per pixel, exactly as a dense evaluation), so the image
+// is right whatever the capacity. The Python wrapper reads the need back asynchronously and grows the
+// capacity for later calls. Everything is capturable in a CUDA graph.
+//
+// Backward: the same traversal in reverse from each pixel's last contributor; per-Gaussian gradients are
+// summed over the warp with shuffles before one atomicAdd per warp.
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuSPARSE headers
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include <cub/cub.cuh>
+
+#include "common/checks.h"
+#include "rasterizer/raster_math.h"
+#include "rasterizer/rasterizer.h"
+
+namespace flashavatar {
+namespace {
+
+using raster::Intrinsics;
+using raster::kTileSize;
+using raster::Projected;
+using raster::Sym2;
+
+constexpr int kBlock = kTileSize * kTileSize;  // 256 threads = one tile
+
+struct Params {
+  int B, C, N, K, D, W, H, tiles_x, tiles_y, sh_degree;
+  float near_plane, far_plane, eps2d;
+  int capacity;
+};
+
+struct AtomicAdd {
+  static __device__ __forceinline__ void add(float* p, float v) { atomicAdd(p, v); }
+};
+
+__device__ __forceinline__ Intrinsics<float> intrinsics_of(const float* K, const Params& p) {
+  return Intrinsics<float>{K[0], K[4], K[2], K[5], p.W, p.H};
+}
+
+int bits_for(uint64_t n) {  // bits needed to represent n
+  int b = 0;
+  while (n) {
+    ++b;
+    n >>= 1;
+  }
+  return b;
+}
+
+// ------------------------------------------------------------------------------------------------------
+__global__ void project_kernel(Params p, const float* __restrict__ means,  // [B, N, 3]
+                               const float* __restrict__ quats,            // [B, N, 4]
+                               const float* __restrict__ scales,           // [B, N, 3]
+                               const float* __restrict__ opac,             // [B, N]
+                               const float* __restrict__ colors,           // [B, N, K, D]
+                               const float* __restrict__ viewmats,         // [B*C, 16]
+                               const float* __restrict__ Ks,               // [B*C, 9]
+                               int32_t* __restrict__ radii,                // [B*C*N]
+                               float2* __restrict__ means2d,               // [B*C*N]
+                               float* __restrict__ conics,                 // [B*C*N, 3]
+                               float* __restrict__ colors_eval,            // [B*C*N, D]
+                               float* __restrict__ depths,                 // [B*C*N]
+                               int4* __restrict__ tile_rect,               // [B*C*N] tile x0, y0, x1, y1
+                               int32_t* __restrict__ tile_counts,          // [B*C*N]
+                               uint64_t* __restrict__ depth_keys,          // [B*C*N]
+                               int32_t* __restrict__ depth_vals) {         // [B*C*N]
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t total = int64_t(p.B) * p.C * p.N;
+  if (idx >= total) return;
+  const int img = int(idx / p.N), n = int(idx % p.N), b = img / p.C;
+  const int64_t g = int64_t(b) * p.N + n;
+  const float* vm = viewmats + int64_t(img) * 16;
+  const Intrinsics<float> k = intrinsics_of(Ks + int64_t(img) * 9, p);
+  Projected<float> pr;
+  const bool ok = raster::project_gaussian(means + 3 * g, quats + 4 * g, scales + 3 * g, opac[g], vm, k,
+                                           p.near_plane, p.far_plane, p.eps2d, pr);
+  depth_vals[idx] = n;
+  if (!ok) {
+    radii[idx] = 0;
+    tile_counts[idx] = 0;
+    means2d[idx] = make_float2(0.f, 0.f);
+    conics[3 * idx] = conics[3 * idx + 1] = conics[3 * idx + 2] = 0.f;
+    depths[idx] = 0.f;
+    for (int c = 0; c < p.D; ++c) colors_eval[idx * p.D + c] = 0.f;
+    depth_keys[idx] = (uint64_t(img) << 32) | 0xFFFFFFFFull;  // culled: last in its image
+    return;
+  }
+  radii[idx] = pr.radius;
+  means2d[idx] = make_float2(pr.mx, pr.my);
+  conics[3 * idx] = pr.conic.a;
+  conics[3 * idx + 1] = pr.conic.b;
+  conics[3 * idx + 2] = pr.conic.c;
+  depths[idx] = pr.depth;
+  const int4 r = make_int4(pr.rect.x0 / kTileSize, pr.rect.y0 / kTileSize, pr.rect.x1 / kTileSize,
+                           pr.rect.y1 / kTileSize);
+  tile_rect[idx] = r;
+  tile_counts[idx] = (r.z - r.x + 1) * (r.w - r.y + 1);
+  // depth >= near > 0, so the float's bits order like the float.
+  depth_keys[idx] = (uint64_t(img) << 32) | uint64_t(__float_as_uint(pr.depth));
+  float* out = colors_eval + idx * p.D;
+  const float* cin = colors + g * p.K * p.D;
+  if (p.sh_degree >= 0) {
+    const Vec3<float> cam = raster::camera_center(vm);
+    const Vec3<float> dir{means[3 * g] - cam.x, means[3 * g + 1] - cam.y, means[3 * g + 2] - cam.z};
+    raster::sh_colors(p.sh_degree, dir, cin, p.D, out);
+  } else {
+    for (int c = 0; c < p.D; ++c) out[c] = cin[c];
+  }
+}
+
+// counts in depth order (slot s of the sorted list)
+__global__ void gather_counts_kernel(int64_t total, int N, const int32_t* __restrict__ sorted_ids,
+                                     const int32_t* __restrict__ tile_counts, int32_t* __restrict__ counts_sorted) {
+  const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s >= total) return;
+  const int64_t img = s / N;
+  counts_sorted[s] = tile_counts[img * N + sorted_ids[s]];
+}
+
+__global__ void emit_kernel(Params p, int64_t total, const int32_t* __restrict__ sorted_ids,
+                            const int32_t* __restrict__ offsets,  // inclusive, depth order
+                            const int32_t* __restrict__ counts_sorted, const int4* __restrict__ tile_rect,
+                            uint32_t* __restrict__ keys, int32_t* __restrict__ vals) {
+  const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (s >= total) return;
+  const int cnt = counts_sorted[s];
+  if (cnt == 0) return;
+  const int img = int(s / p.N);
+  const int64_t flat = int64_t(img) * p.N + sorted_ids[s];
+  int pos = offsets[s] - cnt;
+  if (pos >= p.capacity) return;  // overflow: this image is rendered by the fallback path
+  const int4 r = tile_rect[flat];
+  const uint32_t base = uint32_t(img) * uint32_t(p.tiles_x * p.tiles_y);
+  for (int ty = r.y; ty <= r.w; ++ty)
+    for (int tx = r.x; tx <= r.z; ++tx) {
+      if (pos >= p.capacity) return;
+      keys[pos] = base + uint32_t(ty * p.tiles_x + tx);
+      vals[pos] = int32_t(flat);
+      ++pos;
+    }
+}
+
+__global__ void pad_kernel(int capacity, const int32_t* __restrict__ offsets, int64_t total, uint32_t sentinel,
+                           uint32_t* __restrict__ keys, int32_t* __restrict__ vals) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= capacity) return;
+  const int used = total > 0 ? offsets[total - 1] : 0;
+  if (i >= used) {
+    keys[i] = sentinel;
+    vals[i] = -1;
+  }
+}
+
+__global__ void tile_ranges_kernel(int capacity, uint32_t sentinel, const uint32_t* __restrict__ keys,
+                                   int2* __restrict__ ranges) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= capacity) return;
+  const uint32_t k = keys[i];
+  if (k >= sentinel) return;
+  if (i == 0 || keys[i - 1] != k) ranges[k].x = i;
+  if (i == capacity - 1 || keys[i + 1] != k) ranges[k].y = i + 1;
+}
+
+// The list a tile walks: its range of the tile-sorted intersections, or (overflowed image) the image's whole
+// depth-sorted Gaussian list.
+struct TileList {
+  bool overflow;
+  int start, count;
+};
+__device__ __forceinline__ TileList tile_list(const Params& p, int img, int tile, const int32_t* offsets,
+                                              const int2* ranges) {
+  TileList l;
+  l.overflow = p.N > 0 && offsets[(int64_t(img) + 1) * p.N - 1] > p.capacity;
+  if (l.overflow) {
+    l.start = 0;
+    l.count = p.N;
+  } else {
+    const int2 r = ranges[int64_t(img) * p.tiles_x * p.tiles_y + tile];
+    l.start = r.x;
+    l.count = r.y - r.x;
+  }
+  return l;
+}
+
+// Loads list entry i into registers: flat id and the opacity (0 for culled Gaussians on the fallback path,
+// which makes them fail the 1/255 test everywhere).
+__device__ __forceinline__ int list_entry(const Params& p, const TileList& l, int img, int i,
+                                          const int32_t* __restrict__ sorted_ids, const int32_t* __restrict__ isect,
+                                          const int32_t* __restrict__ radii, const float* __restrict__ opac,
+                                          float& o) {
+  const int64_t img_base = int64_t(img) * p.N;
+  int flat;
+  if (l.overflow) {
+    flat = int(img_base + sorted_ids[img_base + i]);
+  } else {
+    flat = isect[l.start + i];
+  }
+  const int b = img / p.C;
+  o = (!l.overflow || radii[flat] > 0) ? opac[int64_t(b) * p.N + (flat - img_base)] : 0.f;
+  return flat;
+}
+
+template <int MAXD>
+__global__ void __launch_bounds__(kBlock)
+    render_fwd_kernel(Params p, int ch_off, int nch, const float2* __restrict__ means2d,
+                      const float* __restrict__ conics, const float* __restrict__ opac,
+                      const float* __restrict__ colors_eval, const float* __restrict__ depths,
+                      const int32_t* __restrict__ radii, const int32_t* __restrict__ sorted_ids,
+                      const int32_t* __restrict__ isect, const int2* __restrict__ ranges,
+                      const int32_t* __restrict__ offsets, const float* __restrict__ bg,  // [B*C, D] or null
+                      float* __restrict__ render,                                        // [B*C, H, W, D]
+                      float* __restrict__ alpha_out, float* __restrict__ depth_out,     // [B*C, H, W]
+                      int32_t* __restrict__ last_ids, float* __restrict__ trans_out) {  // [B*C, H, W]
+  __shared__ int s_id[kBlock];
+  __shared__ float3 s_xyo[kBlock];
+  __shared__ float3 s_con[kBlock];
+  const int img = blockIdx.z;
+  const int tile = blockIdx.y * p.tiles_x + blockIdx.x;
+  const int tid = threadIdx.y * kTileSize + threadIdx.x;
+  const int px = blockIdx.x * kTileSize + threadIdx.x, py = blockIdx.y * kTileSize + threadIdx.y;
+  const bool inside = px < p.W && py < p.H;
+  const TileList l = tile_list(p, img, tile, offsets, ranges);
+  const float fx = px + 0.5f, fy = py + 0.5f;
+  float T = 1.f, accz = 0.f;
+  float acc[MAXD];
+#pragma unroll
+  for (int c = 0; c < MAXD; ++c) acc[c] = 0.f;
+  int last = 0;
+  bool done = !inside;
+  for (int base = 0; base < l.count; base += kBlock) {
+    // Barrier before overwriting the batch, and early exit when every pixel of the tile is finished.
+    if (__syncthreads_count(done) == kBlock) break;
+    const int i = base + tid;
+    if (i < l.count) {
+      float o;
+      const int flat = list_entry(p, l, img, i, sorted_ids, isect, radii, opac, o);
+      const float2 m = means2d[flat];
+      s_id[tid] = flat;
+      s_xyo[tid] = make_float3(m.x, m.y, o);
+      s_con[tid] = make_float3(conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]);
+    }
+    __syncthreads();
+    const int nb = min(kBlock, l.count - base);
+    for (int j = 0; j < nb && !done; ++j) {
+      const float3 xyo = s_xyo[j];
+      const float3 co = s_con[j];
+      float vis;
+      const float a = raster::gaussian_alpha(Sym2<float>{co.x, co.y, co.z}, xyo.z, fx - xyo.x, fy - xyo.y, vis);
+      if (a < raster::alpha_threshold<float>()) continue;
+      const float next = T * (1.f - a);
+      if (next <= raster::min_transmittance<float>()) {
+        done = true;
+        break;
+      }
+      const float w = a * T;
+      const int flat = s_id[j];
+      const float* cp = colors_eval + int64_t(flat) * p.D + ch_off;
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < nch) acc[c] += w * __ldg(cp + c);
+      accz += w * __ldg(depths + flat);
+      T = next;
+      last = base + j + 1;
+    }
+  }
+  if (!inside) return;
+  const int64_t pix = (int64_t(img) * p.H + py) * p.W + px;
+  float* out = render + pix * p.D + ch_off;
+  const float* bgi = bg ? bg + int64_t(img) * p.D + ch_off : nullptr;
+#pragma unroll
+  for (int c = 0; c < MAXD; ++c)
+    if (c < nch) out[c] = acc[c] + (bgi ? T * bgi[c] : 0.f);
+  if (ch_off == 0) {
+    alpha_out[pix] = 1.f - T;
+    depth_out[pix] = accz;
+    last_ids[pix] = last;
+    trans_out[pix] = T;
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <int MAXD>
+__global__ void __launch_bounds__(kBlock)
+    render_bwd_kernel(Params p, int ch_off, int nch, bool per_set_colors, const float2* __restrict__ means2d,
+                      const float* __restrict__ conics, const float* __restrict__ opac,
+                      const float* __restrict__ colors_eval, const float* __restrict__ depths,
+                      const int32_t* __restrict__ radii, const int32_t* __restrict__ sorted_ids,
+                      const int32_t* __restrict__ isect, const int2* __restrict__ ranges,
+                      const int32_t* __restrict__ offsets, const float* __restrict__ bg,
+                      const float* __restrict__ trans_final, const int32_t* __restrict__ last_ids,
+                      const float* __restrict__ g_render, const float* __restrict__ g_alpha,
+                      const float* __restrict__ g_depth,
+                      float* __restrict__ v_means2d,  // [B*C*N, 2]
+                      float* __restrict__ v_conics,   // [B*C*N, 3]
+                      float* __restrict__ v_opac,     // [B, N]
+                      float* __restrict__ v_depths,   // [B*C*N]
+                      float* __restrict__ v_colors) { // [B, N, D] (plain colours) or [B*C*N, D] (SH)
+  __shared__ int s_id[kBlock];
+  __shared__ float3 s_xyo[kBlock];
+  __shared__ float3 s_con[kBlock];
+  __shared__ int s_max_last;
+  const int img = blockIdx.z;
+  const int tile = blockIdx.y * p.tiles_x + blockIdx.x;
+  const int tid = threadIdx.y * kTileSize + threadIdx.x;
+  const int lane = tid & 31;
+  const int px = blockIdx.x * kTileSize + threadIdx.x, py = blockIdx.y * kTileSize + threadIdx.y;
+  const bool inside = px < p.W && py < p.H;
+  const TileList l = tile_list(p, img, tile, offsets, ranges);
+  const int64_t pix = (int64_t(img) * p.H + py) * p.W + px;
+  const float fx = px + 0.5f, fy = py + 0.5f;
+  const int b = img / p.C;
+  const int64_t img_base = int64_t(img) * p.N;
+
+  const float t_final = inside ? trans_final[pix] : 1.f;
+  const int last = inside ? last_ids[pix] : 0;
+  float gC[MAXD], acc[MAXD];
+  const float* bgi = bg ? bg + int64_t(img) * p.D + ch_off : nullptr;
+#pragma unroll
+  for (int c = 0; c < MAXD; ++c) {
+    gC[c] = (inside && c < nch) ? g_render[pix * p.D + ch_off + c] : 0.f;
+    acc[c] = (bgi && c < nch) ? t_final * bgi[c] : 0.f;
+  }
+  const float gA = (inside && ch_off == 0) ? g_alpha[pix] : 0.f;
+  const float gD = (inside && ch_off == 0) ? g_depth[pix] : 0.f;
+  float acc_z = 0.f, T = t_final;
+
+  if (tid == 0) s_max_last = 0;
+  __syncthreads();
+  atomicMax(&s_max_last, last);
+  __syncthreads();
+  const int end = s_max_last;
+
+  for (int bend = end; bend > 0; bend -= kBlock) {
+    const int bstart = max(0, bend - kBlock);
+    __syncthreads();  // the previous batch is consumed
+    const int i = bstart + tid;
+    if (i < bend) {
+      float o;
+      const int flat = list_entry(p, l, img, i, sorted_ids, isect, radii, opac, o);
+      const float2 m = means2d[flat];
+      s_id[tid] = flat;
+      s_xyo[tid] = make_float3(m.x, m.y, o);
+      s_con[tid] = make_float3(conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]);
+    }
+    __syncthreads();
+    for (int j = bend - bstart - 1; j >= 0; --j) {
+      const int idx = bstart + j;
+      const float3 xyo = s_xyo[j];
+      const float3 co = s_con[j];
+      const int flat = s_id[j];
+      const Sym2<float> conic{co.x, co.y, co.z};
+      const float dx = fx - xyo.x, dy = fy - xyo.y;
+      float vis = 0.f, a = 0.f;
+      bool valid = inside && idx < last;
+      if (valid) {
+        a = raster::gaussian_alpha(conic, xyo.z, dx, dy, vis);
+        valid = a >= raster::alpha_threshold<float>();
+      }
+      // Every lane reaches here for every j (the loop is uniform over the block).
+      if (!__any_sync(0xffffffffu, valid)) continue;
+      float vcol[MAXD];
+      float vmx = 0.f, vmy = 0.f, vop = 0.f, vz = 0.f;
+      Sym2<float> vcon{0.f, 0.f, 0.f};
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c) vcol[c] = 0.f;
+      if (valid) {
+        const float one_m = 1.f - a;
+        const float ti = T / one_m;  // transmittance in front of this Gaussian
+        const float w = a * ti;
+        const float z = __ldg(depths + flat);
+        float ga = gA * t_final / one_m + gD * (z * ti - acc_z / one_m);
+        const float* cp = colors_eval + int64_t(flat) * p.D + ch_off;
+#pragma unroll
+        for (int c = 0; c < MAXD; ++c)
+          if (c < nch) {
+            const float cv = __ldg(cp + c);
+            ga += gC[c] * (cv * ti - acc[c] / one_m);
+            vcol[c] = gC[c] * w;
+            acc[c] += cv * w;
+          }
+        vz = gD * w;
+        acc_z += z * w;
+        T = ti;
+        raster::gaussian_alpha_vjp(conic, xyo.z, dx, dy, vis, ga, vcon, vmx, vmy, vop);
+      }
+      // One atomic per warp and quantity: sum over the 32 pixels first.
+      vmx = warp_sum(vmx);
+      vmy = warp_sum(vmy);
+      vcon.a = warp_sum(vcon.a);
+      vcon.b = warp_sum(vcon.b);
+      vcon.c = warp_sum(vcon.c);
+      vop = warp_sum(vop);
+      vz = warp_sum(vz);
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < nch) vcol[c] = warp_sum(vcol[c]);
+      if (lane == 0) {
+        const int64_t g = int64_t(b) * p.N + (flat - img_base);
+        atomicAdd(v_means2d + 2 * int64_t(flat), vmx);
+        atomicAdd(v_means2d + 2 * int64_t(flat) + 1, vmy);
+        atomicAdd(v_conics + 3 * int64_t(flat), vcon.a);
+        atomicAdd(v_conics + 3 * int64_t(flat) + 1, vcon.b);
+        atomicAdd(v_conics + 3 * int64_t(flat) + 2, vcon.c);
+        atomicAdd(v_opac + g, vop);
+        atomicAdd(v_depths + flat, vz);
+        float* vc = v_colors + (per_set_colors ? g : int64_t(flat)) * p.D + ch_off;
+#pragma unroll
+        for (int c = 0; c < MAXD; ++c)
+          if (c < nch) atomicAdd(vc + c, vcol[c]);
+      }
+    }
+  }
+}
+
+__global__ void project_bwd_kernel(Params p, const float* __restrict__ means, const float* __restrict__ quats,
+                                   const float* __restrict__ scales, const float* __restrict__ colors,
+                                   const float* __restrict__ viewmats, const float* __restrict__ Ks,
+                                   const int32_t* __restrict__ radii, const float* __restrict__ v_means2d,
+                                   const float* __restrict__ v_conics, const float* __restrict__ v_depths,
+                                   const float* __restrict__ v_colors_eval,  // [B*C*N, D] (SH only)
+                                   float* __restrict__ d_means, float* __restrict__ d_quats,
+                                   float* __restrict__ d_scales, float* __restrict__ d_colors) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= int64_t(p.B) * p.C * p.N) return;
+  if (radii[idx] == 0) return;
+  const int img = int(idx / p.N), n = int(idx % p.N), b = img / p.C;
+  const int64_t g = int64_t(b) * p.N + n;
+  const float* vm = viewmats + int64_t(img) * 16;
+  const Intrinsics<float> k = intrinsics_of(Ks + int64_t(img) * 9, p);
+  float dm[3] = {0.f, 0.f, 0.f}, dq[4] = {0.f, 0.f, 0.f, 0.f}, ds[3] = {0.f, 0.f, 0.f};
+  if (p.sh_degree >= 0) {
+    const Vec3<float> cam = raster::camera_center(vm);
+    const Vec3<float> dir{means[3 * g] - cam.x, means[3 * g + 1] - cam.y, means[3 * g + 2] - cam.z};
+    const Vec3<float> gdir = raster::sh_colors_vjp<float, AtomicAdd>(
+        p.sh_degree, dir, colors + g * p.K * p.D, p.D, v_colors_eval + idx * p.D, d_colors + g * p.K * p.D);
+    dm[0] += gdir.x;
+    dm[1] += gdir.y;
+    dm[2] += gdir.z;
+  }
+  raster::project_gaussian_vjp(means + 3 * g, quats + 4 * g, scales + 3 * g, vm, k, p.eps2d, v_means2d[2 * idx],
+                               v_means2d[2 * idx + 1],
+                               Sym2<float>{v_conics[3 * idx], v_conics[3 * idx + 1], v_conics[3 * idx + 2]},
+                               v_depths[idx], dm, dq, ds);
+  for (int i = 0; i < 3; ++i) atomicAdd(d_means + 3 * g + i, dm[i]);
+  for (int i = 0; i < 4; ++i) atomicAdd(d_quats + 4 * g + i, dq[i]);
+  for (int i = 0; i < 3; ++i) atomicAdd(d_scales + 3 * g + i, ds[i]);
+}
+
+// Channel chunks: the blending kernels keep MAXD accumulators in registers.
+template <typename F>
+void for_each_channel_chunk(int D, F&& launch) {
+  for (int off = 0; off < D; off += 32) {
+    const int n = std::min(32, D - off);
+    if (n == 1)
+      launch(std::integral_constant<int, 1>{}, off, n);
+    else if (n == 2)
+      launch(std::integral_constant<int, 2>{}, off, n);
+    else if (n == 3)
+      launch(std::integral_constant<int, 3>{}, off, n);
+    else if (n == 4)
+      launch(std::integral_constant<int, 4>{}, off, n);
+    else if (n <= 8)
+      launch(std::integral_constant<int, 8>{}, off, n);
+    else if (n <= 16)
+      launch(std::integral_constant<int, 16>{}, off, n);
+    else
+      launch(std::integral_constant<int, 32>{}, off, n);
+  }
+}
+
+Params make_params(const at::Tensor& means, const at::Tensor& colors, const at::Tensor& viewmats, int64_t width,
+                   int64_t height, int64_t sh_degree, double near_plane, double far_plane, double eps2d,
+                   int64_t capacity) {
+  Params p;
+  p.B = int(means.size(0));
+  p.N = int(means.size(1));
+  p.C = int(viewmats.size(1));
+  p.K = int(colors.size(2));
+  p.D = int(colors.size(3));
+  p.W = int(width);
+  p.H = int(height);
+  p.tiles_x = int((width + kTileSize - 1) / kTileSize);
+  p.tiles_y = int((height + kTileSize - 1) / kTileSize);
+  p.sh_degree = int(sh_degree);
+  p.near_plane = float(near_plane);
+  p.far_plane = float(far_plane);
+  p.eps2d = float(eps2d);
+  p.capacity = int(capacity);
+  return p;
+}
+
+inline unsigned blocks_for(int64_t n, int threads = 256) { return unsigned((n + threads - 1) / threads); }
+
+}  // namespace
+
+RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                                const at::Tensor& opacities, const at::Tensor& colors, const at::Tensor& viewmats,
+                                const at::Tensor& Ks, const c10::optional<at::Tensor>& backgrounds, int64_t width,
+                                int64_t height, int64_t sh_degree, double near_plane, double far_plane,
+                                double eps2d, int64_t capacity) {
+  const char* op = "flashavatar::rasterize_fwd";
+  const int64_t D = rasterize_check_inputs(op, means, quats, scales, opacities, colors, viewmats, Ks, backgrounds,
+                                           width, height, sh_degree);
+  FA_CHECK(op, means.scalar_type() == at::kFloat, "the CUDA path computes in float32; got means of dtype ",
+           means.scalar_type(), " (the Python wrapper casts for you)");
+  FA_CHECK(op, capacity >= 1 && capacity < (int64_t(1) << 31), "capacity must be in [1, 2^31), got ", capacity);
+  FA_CHECK(op, near_plane > 0, "near_plane must be positive, got ", near_plane);
+  const c10::cuda::CUDAGuard guard(means.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Params p = make_params(means, colors, viewmats, width, height, sh_degree, near_plane, far_plane, eps2d,
+                               capacity);
+  const int64_t B = p.B, C = p.C, N = p.N, H = p.H, W = p.W, BC = B * C, BCN = BC * N;
+  const int64_t tiles = int64_t(p.tiles_x) * p.tiles_y;
+  FA_CHECK(op, BCN < (int64_t(1) << 31) && BC * tiles < (int64_t(1) << 31) - 1,
+           "too many images x Gaussians for 32-bit indices: ", BC, " images, ", N, " Gaussians");
+  const auto fopts = means.options();
+  const auto iopts = fopts.dtype(at::kInt);
+  const bool has_bg = backgrounds.has_value() && backgrounds->defined();
+
+  at::Tensor render = at::empty({B, C, H, W, D}, fopts);
+  at::Tensor alpha = at::empty({B, C, H, W, 1}, fopts);
+  at::Tensor depth = at::empty({B, C, H, W, 1}, fopts);
+  at::Tensor radii = at::empty({B, C, N}, iopts);
+  at::Tensor means2d = at::empty({B, C, N, 2}, fopts);
+  at::Tensor conics = at::empty({B, C, N, 3}, fopts);
+  at::Tensor colors_eval = at::empty({B, C, N, D}, fopts);
+  at::Tensor depths = at::empty({B, C, N}, fopts);
+  at::Tensor last_ids = at::empty({B, C, H, W}, iopts);
+  at::Tensor trans = at::empty({B, C, H, W}, fopts);
+  at::Tensor sorted_ids = at::empty({BCN}, iopts);
+  at::Tensor isect_ids = at::empty({capacity}, iopts);
+  at::Tensor ranges = at::zeros({BC * tiles, 2}, iopts);
+  at::Tensor offsets = at::empty({BCN}, iopts);
+
+  if (N > 0) {
+    at::Tensor tile_rect = at::empty({BCN, 4}, iopts);
+    at::Tensor tile_counts = at::empty({BCN}, iopts);
+    at::Tensor depth_keys = at::empty({BCN}, fopts.dtype(at::kLong));
+    at::Tensor depth_vals = at::empty({BCN}, iopts);
+    project_kernel<<<blocks_for(BCN), 256, 0, stream>>>(
+        p, means.data_ptr<float>(), quats.data_ptr<float>(), scales.data_ptr<float>(), opacities.data_ptr<float>(),
+        colors.data_ptr<float>(), viewmats.data_ptr<float>(), Ks.data_ptr<float>(), radii.data_ptr<int32_t>(),
+        reinterpret_cast<float2*>(means2d.data_ptr<float>()), conics.data_ptr<float>(),
+        colors_eval.data_ptr<float>(), depths.data_ptr<float>(), reinterpret_cast<int4*>(tile_rect.data_ptr<int32_t>()),
+        tile_counts.data_ptr<int32_t>(), reinterpret_cast<uint64_t*>(depth_keys.data_ptr<int64_t>()),
+        depth_vals.data_ptr<int32_t>());
+    FA_CUDA_CHECK_LAUNCH();
+
+    // 1. Depth sort per image: key = image << 32 | depth bits.
+    {
+      at::Tensor keys_out = at::empty_like(depth_keys);
+      const int end_bit = 32 + bits_for(uint64_t(BC - 1));
+      size_t temp_bytes = 0;
+      auto* kin = reinterpret_cast<uint64_t*>(depth_keys.data_ptr<int64_t>());
+      auto* kout = reinterpret_cast<uint64_t*>(keys_out.data_ptr<int64_t>());
+      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, kin, kout, depth_vals.data_ptr<int32_t>(),
+                                                     sorted_ids.data_ptr<int32_t>(), int(BCN), 0, end_bit, stream));
+      at::Tensor temp = at::empty({int64_t(temp_bytes) + 1}, fopts.dtype(at::kByte));
+      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), temp_bytes, kin, kout,
+                                                     depth_vals.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(),
+                                                     int(BCN), 0, end_bit, stream));
+    }
+    // 2. Tile counts in depth order -> inclusive offsets.
+    at::Tensor counts_sorted = at::empty({BCN}, iopts);
+    gather_counts_kernel<<<blocks_for(BCN), 256, 0, stream>>>(BCN, int(N), sorted_ids.data_ptr<int32_t>(),
+                                                               tile_counts.data_ptr<int32_t>(),
+                                                               counts_sorted.data_ptr<int32_t>());
+    FA_CUDA_CHECK_LAUNCH();
+    {
+      size_t temp_bytes = 0;
+      C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, temp_bytes, counts_sorted.data_ptr<int32_t>(),
+                                                   offsets.data_ptr<int32_t>(), int(BCN), stream));
+      at::Tensor temp = at::empty({int64_t(temp_bytes) + 1}, fopts.dtype(at::kByte));
+      C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp.data_ptr(), temp_bytes, counts_sorted.data_ptr<int32_t>(),
+                                                   offsets.data_ptr<int32_t>(), int(BCN), stream));
+    }
+    // 3. Emit tile keys (depth order) into the fixed-capacity buffer; pad the rest with the sentinel.
+    const uint32_t sentinel = uint32_t(BC * tiles);
+    at::Tensor keys = at::empty({capacity}, iopts);
+    at::Tensor vals = at::empty({capacity}, iopts);
+    auto* keys_ptr = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
+    emit_kernel<<<blocks_for(BCN), 256, 0, stream>>>(p, BCN, sorted_ids.data_ptr<int32_t>(),
+                                                      offsets.data_ptr<int32_t>(), counts_sorted.data_ptr<int32_t>(),
+                                                      reinterpret_cast<const int4*>(tile_rect.data_ptr<int32_t>()),
+                                                      keys_ptr, vals.data_ptr<int32_t>());
+    FA_CUDA_CHECK_LAUNCH();
+    pad_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), offsets.data_ptr<int32_t>(), BCN, sentinel,
+                                                          keys_ptr, vals.data_ptr<int32_t>());
+    FA_CUDA_CHECK_LAUNCH();
+    // 4. Stable sort on the tile key only (depth order within a tile is kept).
+    at::Tensor keys_sorted = at::empty({capacity}, iopts);
+    auto* ks_ptr = reinterpret_cast<uint32_t*>(keys_sorted.data_ptr<int32_t>());
+    {
+      const int end_bit = bits_for(uint64_t(sentinel));
+      size_t temp_bytes = 0;
+      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_ptr, ks_ptr, vals.data_ptr<int32_t>(),
+                                                     isect_ids.data_ptr<int32_t>(), int(capacity), 0, end_bit,
+                                                     stream));
+      at::Tensor temp = at::empty({int64_t(temp_bytes) + 1}, fopts.dtype(at::kByte));
+      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), temp_bytes, keys_ptr, ks_ptr,
+                                                     vals.data_ptr<int32_t>(), isect_ids.data_ptr<int32_t>(),
+                                                     int(capacity), 0, end_bit, stream));
+    }
+    tile_ranges_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), sentinel, ks_ptr,
+                                                                  reinterpret_cast<int2*>(ranges.data_ptr<int32_t>()));
+    FA_CUDA_CHECK_LAUNCH();
+  } else {
+    // No Gaussians: keep every output defined (zero offsets mark no overflow).
+    radii.zero_();
+  }
+
+  const dim3 grid(p.tiles_x, p.tiles_y, unsigned(BC)), block(kTileSize, kTileSize);
+  const float* bg_ptr = has_bg ? backgrounds->data_ptr<float>() : nullptr;
+  for_each_channel_chunk(int(D), [&](auto maxd, int off, int nch) {
+    render_fwd_kernel<decltype(maxd)::value><<<grid, block, 0, stream>>>(
+        p, off, nch, reinterpret_cast<const float2*>(means2d.data_ptr<float>()), conics.data_ptr<float>(),
+        opacities.data_ptr<float>(), colors_eval.data_ptr<float>(), depths.data_ptr<float>(),
+        radii.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(), isect_ids.data_ptr<int32_t>(),
+        reinterpret_cast<const int2*>(ranges.data_ptr<int32_t>()), offsets.data_ptr<int32_t>(), bg_ptr,
+        render.data_ptr<float>(), alpha.data_ptr<float>(), depth.data_ptr<float>(), last_ids.data_ptr<int32_t>(),
+        trans.data_ptr<float>());
+    FA_CUDA_CHECK_LAUNCH();
+  });
+  return {render, alpha, depth, radii, means2d, conics, colors_eval, depths, last_ids, trans,
+          sorted_ids, isect_ids, ranges, offsets};
+}
+
+RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                                const at::Tensor& opacities, const at::Tensor& colors, const at::Tensor& viewmats,
+                                const at::Tensor& Ks, const c10::optional<at::Tensor>& backgrounds, int64_t width,
+                                int64_t height, int64_t sh_degree, double near_plane, double far_plane,
+                                double eps2d, const at::Tensor& alpha, const at::Tensor& radii,
+                                const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& colors_eval,
+                                const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& transmittance,
+                                const at::Tensor& sorted_ids, const at::Tensor& isect_ids,
+                                const at::Tensor& tile_ranges, const at::Tensor& offsets,
+                                const at::Tensor& grad_render, const at::Tensor& grad_alpha,
+                                const at::Tensor& grad_depth) {
+  const char* op = "flashavatar::rasterize_bwd";
+  const int64_t D = rasterize_check_inputs(op, means, quats, scales, opacities, colors, viewmats, Ks, backgrounds,
+                                           width, height, sh_degree);
+  FA_CHECK(op, means.scalar_type() == at::kFloat, "the CUDA path computes in float32");
+  (void)alpha;
+  at::globalContext().alertNotDeterministic("flashavatar::rasterize_bwd (CUDA, uses atomicAdd)");
+  const c10::cuda::CUDAGuard guard(means.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Params p = make_params(means, colors, viewmats, width, height, sh_degree, near_plane, far_plane, eps2d,
+                               isect_ids.size(0));
+  const int64_t B = p.B, C = p.C, N = p.N, H = p.H, W = p.W, BCN = B * C * N;
+  FA_CHECK(op, grad_render.sizes() == at::IntArrayRef({B, C, H, W, D}), "grad_render must have shape [", B, ", ",
+           C, ", ", H, ", ", W, ", ", D, "], got ", sizes_str(grad_render));
+  const at::Tensor gr = grad_render.to(at::kFloat).contiguous();
+  const at::Tensor ga = grad_alpha.to(at::kFloat).contiguous();
+  const at::Tensor gd = grad_depth.to(at::kFloat).contiguous();
+  at::Tensor d_means = at::zeros_like(means), d_quats = at::zeros_like(quats), d_scales = at::zeros_like(scales),
+             d_opac = at::zeros_like(opacities), d_colors = at::zeros_like(colors);
+  if (N == 0) return {d_means, d_quats, d_scales, d_opac, d_colors};
+  const auto fopts = means.options();
+  at::Tensor v_means2d = at::zeros({BCN, 2}, fopts);
+  at::Tensor v_conics = at::zeros({BCN, 3}, fopts);
+  at::Tensor v_depths = at::zeros({BCN}, fopts);
+  const bool sh = sh_degree >= 0;
+  // Plain colours: the blending kernel accumulates straight into d_colors [B, N, 1, D].
+  at::Tensor v_colors = sh ? at::zeros({BCN, D}, fopts) : d_colors;
+  const bool has_bg = backgrounds.has_value() && backgrounds->defined();
+  const float* bg_ptr = has_bg ? backgrounds->data_ptr<float>() : nullptr;
+  const dim3 grid(p.tiles_x, p.tiles_y, unsigned(B * C)), block(kTileSize, kTileSize);
+  for_each_channel_chunk(int(D), [&](auto maxd, int off, int nch) {
+    render_bwd_kernel<decltype(maxd)::value><<<grid, block, 0, stream>>>(
+        p, off, nch, !sh, reinterpret_cast<const float2*>(means2d.data_ptr<float>()), conics.data_ptr<float>(),
+        opacities.data_ptr<float>(), colors_eval.data_ptr<float>(), depths.data_ptr<float>(),
+        radii.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(), isect_ids.data_ptr<int32_t>(),
+        reinterpret_cast<const int2*>(tile_ranges.data_ptr<int32_t>()), offsets.data_ptr<int32_t>(), bg_ptr,
+        transmittance.data_ptr<float>(), last_ids.data_ptr<int32_t>(), gr.data_ptr<float>(), ga.data_ptr<float>(),
+        gd.data_ptr<float>(), v_means2d.data_ptr<float>(), v_conics.data_ptr<float>(), d_opac.data_ptr<float>(),
+        v_depths.data_ptr<float>(), v_colors.data_ptr<float>());
+    FA_CUDA_CHECK_LAUNCH();
+  });
+  project_bwd_kernel<<<blocks_for(BCN), 256, 0, stream>>>(
+      p, means.data_ptr<float>(), quats.data_ptr<float>(), scales.data_ptr<float>(), colors.data_ptr<float>(),
+      viewmats.data_ptr<float>(), Ks.data_ptr<float>(), radii.data_ptr<int32_t>(), v_means2d.data_ptr<float>(),
+      v_conics.data_ptr<float>(), v_depths.data_ptr<float>(), sh ? v_colors.data_ptr<float>() : nullptr,
+      d_means.data_ptr<float>(), d_quats.data_ptr<float>(), d_scales.data_ptr<float>(), d_colors.data_ptr<float>());
+  FA_CUDA_CHECK_LAUNCH();
+  return {d_means, d_quats, d_scales, d_opac, d_colors};
+}
+
+}  // namespace flashavatar

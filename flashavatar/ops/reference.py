@@ -1,0 +1,132 @@
+"""Pure-PyTorch reference implementations of flashavatar's ops, simple enough to trust.
+
+They are slow (dense, no tiling) and exist for tests and for readers; the compiled ops must match them.
+"""
+
+from __future__ import annotations
+
+# ---- rasterizer reference ----
+import torch
+from torch import Tensor
+
+_ALPHA_THRESHOLD = 1.0 / 255.0
+_MAX_ALPHA = 0.99
+_MIN_TRANSMITTANCE = 1e-4
+
+
+def _quat_to_rotmat(quats: Tensor) -> Tensor:
+    """[N, 4] (w, x, y, z), any norm -> [N, 3, 3]."""
+    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    ).reshape(*quats.shape[:-1], 3, 3)
+
+
+def _sh_basis(degree: int, dirs: Tensor) -> Tensor:
+    """Real SH basis of unit directions [N, 3] -> [N, (degree+1)^2], gsplat's convention."""
+    x, y, z = dirs.unbind(-1)
+    out = [torch.full_like(x, 0.2820947917738781)]
+    if degree >= 1:
+        out += [-0.48860251190292 * y, 0.48860251190292 * z, -0.48860251190292 * x]
+    if degree >= 2:
+        z2, fc1, fs1 = z * z, x * x - y * y, 2 * x * y
+        out += [
+            0.5462742152960395 * fs1,
+            -1.092548430592079 * z * y,
+            0.9461746957575601 * z2 - 0.3153915652525201,
+            -1.092548430592079 * z * x,
+            0.5462742152960395 * fc1,
+        ]
+    if degree >= 3:
+        tc = -2.285228997322329 * z2 + 0.4570457994644658
+        tb = 1.445305721320277 * z
+        fc2, fs2 = x * fc1 - y * fs1, x * fs1 + y * fc1
+        out += [
+            -0.5900435899266435 * fs2,
+            tb * fs1,
+            tc * y,
+            z * (1.865881662950577 * z2 - 1.119528997770346),
+            tc * x,
+            tb * fc1,
+            -0.5900435899266435 * fc2,
+        ]
+    return torch.stack(out, dim=-1)
+
+
+def _render_one_camera(means, quats, scales, opacities, colors, viewmat, K, width, height, sh_degree, near, far,
+                       eps2d, background):
+    """One image: every Gaussian evaluated at every pixel. Returns render [H,W,D], alpha [H,W,1], depth [H,W,1]."""
+    R, t = viewmat[:3, :3], viewmat[:3, 3]
+    pc = means @ R.T + t  # [N, 3] camera space
+    x, y, z = pc.unbind(-1)
+    M = _quat_to_rotmat(quats) * scales[:, None, :]  # R(q) diag(s)
+    cov_c = R @ (M @ M.transpose(-1, -2)) @ R.T  # [N, 3, 3]
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    # EWA Jacobian with x/z, y/z clamped to 1.3x the field of view (gsplat's convention).
+    tan_fovx, tan_fovy = 0.5 * width / fx, 0.5 * height / fy
+    tx = z * torch.clamp(x / z, min=-(cx / fx + 0.3 * tan_fovx), max=(width - cx) / fx + 0.3 * tan_fovx)
+    ty = z * torch.clamp(y / z, min=-(cy / fy + 0.3 * tan_fovy), max=(height - cy) / fy + 0.3 * tan_fovy)
+    zero = torch.zeros_like(z)
+    J = torch.stack([fx / z, zero, -fx * tx / z**2, zero, fy / z, -fy * ty / z**2], -1).reshape(-1, 2, 3)
+    cov2d = J @ cov_c @ J.transpose(-1, -2) + eps2d * torch.eye(2, dtype=means.dtype, device=means.device)
+    det = cov2d[:, 0, 0] * cov2d[:, 1, 1] - cov2d[:, 0, 1] * cov2d[:, 1, 0]
+    valid = (z >= near) & (z <= far) & (det > 0)
+    safe_det = torch.where(valid, det, torch.ones_like(det))
+    conic_a, conic_b, conic_c = cov2d[:, 1, 1] / safe_det, -cov2d[:, 0, 1] / safe_det, cov2d[:, 0, 0] / safe_det
+    mean2d = torch.stack([fx * x / z + cx, fy * y / z + cy], -1)  # [N, 2]
+
+    if sh_degree is None:
+        rgb = colors  # [N, D]
+    else:
+        campos = -R.T @ t
+        dirs = torch.nn.functional.normalize(means - campos, dim=-1)
+        nb = (sh_degree + 1) ** 2
+        rgb = torch.clamp_min((_sh_basis(sh_degree, dirs)[:, :, None] * colors[:, :nb]).sum(1) + 0.5, 0.0)
+
+    # Front-to-back order: stable sort by depth, culled Gaussians last (and masked out below).
+    order = torch.sort(torch.where(valid, z, torch.full_like(z, float("inf"))).detach(), stable=True).indices
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=means.dtype, device=means.device) + 0.5,
+                            torch.arange(width, dtype=means.dtype, device=means.device) + 0.5, indexing="ij")
+    dx = xs.reshape(-1, 1) - mean2d[order, 0]  # [P, N]
+    dy = ys.reshape(-1, 1) - mean2d[order, 1]
+    sigma = 0.5 * (conic_a[order] * dx * dx + conic_c[order] * dy * dy) + conic_b[order] * dx * dy
+    alpha = torch.clamp(opacities[order] * torch.exp(-sigma), max=_MAX_ALPHA)
+    alpha = torch.where(valid[order] & (alpha >= _ALPHA_THRESHOLD), alpha, torch.zeros_like(alpha))
+    # A pixel stops before the Gaussian that would bring its transmittance to <= 1e-4; since the running
+    # product only decreases, "kept" is exactly "transmittance after it is still > 1e-4".
+    with torch.no_grad():
+        keep = torch.cumprod(1 - alpha, dim=1) > _MIN_TRANSMITTANCE
+    alpha = alpha * keep
+    trans_after = torch.cumprod(1 - alpha, dim=1)
+    trans_before = torch.cat([torch.ones_like(trans_after[:, :1]), trans_after[:, :-1]], dim=1)
+    weights = alpha * trans_before  # [P, N]
+    t_final = trans_after[:, -1:] if trans_after.shape[1] else torch.ones_like(xs.reshape(-1, 1))
+    render = weights @ rgb[order]
+    if background is not None:
+        render = render + t_final * background
+    depth = weights @ z[order][:, None]
+    return (render.reshape(height, width, -1), (1 - t_final).reshape(height, width, 1),
+            depth.reshape(height, width, 1))
+
+
+def rasterize_reference(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor,
+                        viewmats: Tensor, Ks: Tensor, width: int, height: int, *, sh_degree: int | None = None,
+                        near: float = 0.01, far: float = 1e10, eps2d: float = 0.3,
+                        backgrounds: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Dense reference of ``flashavatar.ops.rasterize_gaussians`` (no batch dimension).
+
+    means [N,3], quats [N,4], scales [N,3], opacities [N], colors [N,D] (or SH [N,K,D] with sh_degree),
+    viewmats [C,4,4], Ks [C,3,3], backgrounds [C,D] -> render [C,H,W,D], alpha [C,H,W,1],
+    depth [C,H,W,1] (sum of w_i z_i, not normalised). Differentiable by autograd.
+    """
+    outs = [
+        _render_one_camera(means, quats, scales, opacities, colors, viewmats[c], Ks[c], width, height, sh_degree,
+                           near, far, eps2d, None if backgrounds is None else backgrounds[c])
+        for c in range(viewmats.shape[0])
+    ]
+    return tuple(torch.stack(o, 0) for o in zip(*outs))  # type: ignore[return-value]

@@ -1,0 +1,198 @@
+"""GPU tests of the CUDA rasteriser: equals the CPU path (float64 ground truth, float32 tolerance), large
+scenes, CUDA-graph capture and replay, batched input, and the intersection-buffer overflow fallback."""
+
+import pytest
+import torch
+
+import flashavatar.ops as ops
+import flashavatar.ops.rasterize as rast
+from flashavatar.ops import rasterize_gaussians
+from raster_scenes import cameras, head_scene
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not ops.cuda_compiled(), reason="flashavatar._C built without CUDA kernels")]
+
+DEV = "cuda"
+
+
+def _scene(n, d=3, sh=None, seed=0, cams=3, width=64, height=48, scale=0.015, distance=0.35, bg=True):
+    m, q, s, o, c = head_scene(n, d=d, sh_degree=sh, seed=seed, scale=scale)
+    vm, K = cameras(cams, width, height, distance=distance)
+    backgrounds = torch.rand(cams, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) if bg else None
+    return [m, q, s, o, c, vm, K], backgrounds
+
+
+def _run(args, bg, width, height, sh, device, dtype, cot=None, grads=True):
+    """Forward (+ VJP with cotangents cot) on a device; returns outputs and gradients as float64 CPU tensors."""
+    leaves = [t.to(device, dtype).requires_grad_(grads and i < 5) for i, t in enumerate(args)]
+    bgl = None if bg is None else bg.to(device, dtype).requires_grad_(grads)
+    r, a, meta = rasterize_gaussians(*leaves, width, height, sh_degree=sh, backgrounds=bgl)
+    outs = (r, a, meta["depth"])
+    g = []
+    if grads:
+        wrt = leaves[:5] + ([bgl] if bgl is not None else [])
+        g = torch.autograd.grad(sum((o * c.to(device, dtype)).sum() for o, c in zip(outs, cot)), wrt)
+    f = lambda t: t.detach().double().cpu()  # noqa: E731
+    return [f(o) for o in outs], [f(x) for x in g], meta
+
+
+def _cot(outs_shapes, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in outs_shapes]
+
+
+def _assert_images_close(a, b, name):
+    # float32 vs float64: tiny everywhere, except where a 1/255 or transmittance cut-off flips (rare, bounded).
+    diff = (a - b).abs()
+    assert diff.mean() < 2e-5, f"{name}: mean abs diff {diff.mean():.3g}"
+    assert diff.max() < 1e-2, f"{name}: max abs diff {diff.max():.3g}"
+
+
+def _assert_grads_close(ga, gb, names, tol=2e-3):
+    for name, x, y in zip(names, ga, gb):
+        assert torch.isfinite(x).all(), name
+        rel = (x - y).norm() / y.norm().clamp_min(1e-12)
+        assert rel < tol, f"{name}: relative error {rel:.3g}"
+
+
+NAMES = ["means", "quats", "scales", "opacities", "colors", "backgrounds"]
+
+
+@pytest.mark.parametrize("d,sh,bg", [(1, None, False), (3, None, True), (8, None, True), (3, 0, True),
+                                     (3, 1, False), (3, 2, True), (3, 3, True), (40, None, True)])
+def test_cuda_matches_cpu_forward_backward(d, sh, bg):
+    W, H = 64, 48
+    args, backgrounds = _scene(300, d=d, sh=sh, seed=d + (sh or 0), bg=bg)
+    shapes = [(3, H, W, d), (3, H, W, 1), (3, H, W, 1)]
+    cot = _cot(shapes, 1)
+    ref_out, ref_g, _ = _run(args, backgrounds, W, H, sh, "cpu", torch.float64, cot)
+    out, g, _ = _run(args, backgrounds, W, H, sh, DEV, torch.float32, cot)
+    assert ref_out[1].mean() > 0.2
+    for name, a, b in zip(("render", "alpha", "depth"), out, ref_out):
+        _assert_images_close(a, b, name)
+    _assert_grads_close(g, ref_g, NAMES)
+
+
+@pytest.mark.parametrize("n,width,height,cams", [(100_000, 256, 256, 1), (100_000, 511, 300, 2)])
+def test_cuda_large_scene_matches_cpu(n, width, height, cams):
+    args, bg = _scene(n, d=3, seed=7, cams=cams, width=width, height=height, scale=0.004, distance=0.45)
+    shapes = [(cams, height, width, 3), (cams, height, width, 1), (cams, height, width, 1)]
+    cot = _cot(shapes, 2)
+    ref_out, ref_g, _ = _run(args, bg, width, height, None, "cpu", torch.float64, cot)
+    out, g, meta = _run(args, bg, width, height, None, DEV, torch.float32, cot)
+    assert ref_out[1].mean() > 0.2
+    for name, a, b in zip(("render", "alpha", "depth"), out, ref_out):
+        _assert_images_close(a, b, name)
+    _assert_grads_close(g, ref_g, NAMES, tol=5e-3)
+
+
+def test_forced_overflow_is_exact(monkeypatch):
+    W, H = 64, 48
+    args, bg = _scene(400, d=3, sh=2, seed=3, cams=3)
+    cot = _cot([(3, H, W, 3), (3, H, W, 1), (3, H, W, 1)], 3)
+    out, g, meta = _run(args, bg, W, H, 2, DEV, torch.float32, cot)
+    need = None
+    for cap in (1, 200, 2000):  # everything overflows / the first image fits partly / some images fit
+        monkeypatch.setattr(rast, "_FORCE_CAPACITY", cap)
+        out_o, g_o, _ = _run(args, bg, W, H, 2, DEV, torch.float32, cot)
+        for a, b in zip(out_o, out):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        _assert_grads_close(g_o, g, NAMES, tol=1e-4)
+    monkeypatch.setattr(rast, "_FORCE_CAPACITY", None)
+    del need
+
+
+def test_capacity_grows_without_sync():
+    W, H = 128, 128
+    args, bg = _scene(20_000, d=3, seed=4, cams=4, width=W, height=H, scale=0.006)
+    dev = [t.to(DEV, torch.float32) for t in args]
+    rast._capacities.clear()
+    for _ in range(3):
+        r, a, meta = rasterize_gaussians(*dev, W, H, backgrounds=bg.to(DEV, torch.float32))
+        torch.cuda.synchronize()
+    st = next(iter(rast._capacities.values()))
+    out = torch.ops.flashavatar.rasterize_fwd(dev[0][None], dev[1][None], dev[2][None], dev[3][None],
+                                              dev[4][None, :, None], dev[5][None], dev[6][None], None, W, H, -1,
+                                              0.01, 1e10, 0.3, st.value)
+    assert int(out[13][-1]) <= st.value, "capacity did not grow to the need"
+
+
+def test_batched_equals_separate_calls():
+    W, H = 64, 48
+    sets = [_scene(300, d=3, sh=1, seed=10 + i, cams=2) for i in range(3)]
+    stacked = [torch.stack([s[0][j] for s in sets]).to(DEV, torch.float32).requires_grad_(j < 5) for j in range(7)]
+    bgs = torch.stack([s[1] for s in sets]).to(DEV, torch.float32)
+    r, a, meta = rasterize_gaussians(*stacked, W, H, sh_degree=1, backgrounds=bgs)
+    assert r.shape == (3, 2, H, W, 3)
+    cot = torch.randn_like(r)
+    gb = torch.autograd.grad((r * cot).sum() + a.sum(), stacked[:5])
+    for i, (args, bg) in enumerate(sets):
+        leaves = [t.to(DEV, torch.float32).requires_grad_(j < 5) for j, t in enumerate(args)]
+        ri, ai, mi = rasterize_gaussians(*leaves, W, H, sh_degree=1, backgrounds=bg.to(DEV, torch.float32))
+        torch.testing.assert_close(r[i], ri, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a[i], ai, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(meta["depth"][i], mi["depth"], atol=1e-6, rtol=1e-6)
+        gi = torch.autograd.grad((ri * cot[i]).sum() + ai.sum(), leaves[:5])
+        for x, y in zip(gb, gi):
+            torch.testing.assert_close(x[i], y, atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_graph_capture_and_replay():
+    W, H = 96, 64
+    args, bg = _scene(5000, d=3, sh=3, seed=5, cams=2, width=W, height=H, scale=0.008)
+    static = [t.to(DEV, torch.float32).requires_grad_(i < 5) for i, t in enumerate(args)]
+    bg_s = bg.to(DEV, torch.float32)
+    cot = torch.randn(2, H, W, 3, device=DEV)
+
+    def step():
+        r, a, meta = rasterize_gaussians(*static, W, H, sh_degree=3, backgrounds=bg_s)
+        g = torch.autograd.grad((r * cot).sum() + a.sum() + meta["depth"].sum(), static[:5])
+        return (r, a, meta["depth"]) + tuple(g)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm-up: also lets the intersection capacity settle
+            step()
+            torch.cuda.synchronize()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(2):
+        with torch.no_grad():  # new inputs into the static tensors, then replay
+            static[0].add_(0.003 * torch.randn(static[0].shape, generator=gen).to(DEV))
+            static[3].copy_((static[3] * 0.9 + 0.05).clamp(0, 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step()
+        for x, y in zip(captured, eager):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+        assert captured[1].max() > 0.5
+
+
+def test_cuda_bad_input_raises():
+    args, _ = _scene(50, d=3, seed=6, cams=1)
+    dev = [t.to(DEV, torch.float32) for t in args]
+    dev[2] = dev[2].clone()
+    dev[2][4, 1] = float("nan")
+    with pytest.raises(ValueError, match="scales .*NaN or inf"):
+        rasterize_gaussians(*dev, 32, 32)
+    dev2 = [t.to(DEV, torch.float32) for t in args]
+    dev2[6] = dev2[6].cpu()
+    with pytest.raises(ValueError, match="Ks is on cpu"):
+        rasterize_gaussians(*dev2, 32, 32)
+
+
+def test_cuda_zero_gaussians_and_behind_camera():
+    args, bg = _scene(30, d=3, seed=8, cams=2)
+    dev = [t.to(DEV, torch.float32) for t in args]
+    empty = [t[:0].requires_grad_() for t in dev[:5]]
+    r, a, meta = rasterize_gaussians(*empty, dev[5], dev[6], 40, 30, backgrounds=bg.to(DEV, torch.float32))
+    torch.testing.assert_close(r, bg.to(DEV, torch.float32)[:, None, None].expand_as(r))
+    r.sum().backward()
+    behind = dev[0].clone()
+    behind[:, 2] -= 3.0
+    r, a, meta = rasterize_gaussians(behind, *dev[1:], 40, 30)
+    assert (a == 0).all() and (meta["radii"] == 0).all()
