@@ -5,3 +5,4 @@ pure-PyTorch versions that tests (and readers) trust.
 """
 
 from ._ext import available, cuda_compiled  # noqa: F401
+from .emd import EMDResult, emd, gaussian_w2, gaussian_w2_from_scales_quats  # noqa: F401
