@@ -7,6 +7,9 @@
 
 // ---- op headers ----
 #include "rasterizer/rasterizer.h"  // rasterizer
+// ---- emd headers ----
+#include "emd/emd.h"
+// ---- end emd headers ----
 
 TORCH_LIBRARY(flashavatar, m) {
   // ---- rasterizer schemas ----
@@ -25,6 +28,17 @@ TORCH_LIBRARY(flashavatar, m) {
       "Tensor tile_ranges, Tensor offsets, Tensor grad_render, Tensor grad_alpha, Tensor grad_depth) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- emd schemas ----
+  m.def("gaussian_w2(Tensor mu0, Tensor cov0, Tensor mu1, Tensor cov1) -> Tensor");
+  m.def("gaussian_w2_backward(Tensor grad, Tensor mu0, Tensor cov0, Tensor mu1, Tensor cov1) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gaussian_w2_sq(Tensor mu0, Tensor scales0, Tensor quats0, Tensor mu1, Tensor scales1, Tensor quats1) "
+        "-> Tensor");
+  m.def("gaussian_w2_sq_backward(Tensor grad, Tensor mu0, Tensor scales0, Tensor quats0, Tensor mu1, "
+        "Tensor scales1, Tensor quats1) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("emd_forward(Tensor x, Tensor y, Tensor? a, Tensor? b, int p, float tol, int max_iter) "
+        "-> (Tensor cost, Tensor plan_index, Tensor plan_weight, Tensor f, Tensor g, Tensor status, Tensor gap, "
+        "Tensor iterations)");
+  // ---- end emd schemas ----
 }
 
 TORCH_LIBRARY_IMPL(flashavatar, CPU, m) {
@@ -32,6 +46,12 @@ TORCH_LIBRARY_IMPL(flashavatar, CPU, m) {
   m.impl("rasterize_fwd", &flashavatar::rasterize_fwd_cpu);
   m.impl("rasterize_bwd", &flashavatar::rasterize_bwd_cpu);
   // ---- emd CPU ----
+  m.impl("gaussian_w2", &flashavatar::gaussian_w2_cpu);
+  m.impl("gaussian_w2_backward", &flashavatar::gaussian_w2_backward_cpu);
+  m.impl("gaussian_w2_sq", &flashavatar::gaussian_w2_sq_cpu);
+  m.impl("gaussian_w2_sq_backward", &flashavatar::gaussian_w2_sq_backward_cpu);
+  m.impl("emd_forward", &flashavatar::emd_forward_cpu);
+  // ---- end emd CPU ----
 }
 
 #ifdef WITH_CUDA
@@ -40,6 +60,12 @@ TORCH_LIBRARY_IMPL(flashavatar, CUDA, m) {
   m.impl("rasterize_fwd", &flashavatar::rasterize_fwd_cuda);
   m.impl("rasterize_bwd", &flashavatar::rasterize_bwd_cuda);
   // ---- emd CUDA ----
+  m.impl("gaussian_w2", &flashavatar::gaussian_w2_cuda);
+  m.impl("gaussian_w2_backward", &flashavatar::gaussian_w2_backward_cuda);
+  m.impl("gaussian_w2_sq", &flashavatar::gaussian_w2_sq_cuda);
+  m.impl("gaussian_w2_sq_backward", &flashavatar::gaussian_w2_sq_backward_cuda);
+  m.impl("emd_forward", &flashavatar::emd_forward_cuda);
+  // ---- end emd CUDA ----
 }
 #endif
 

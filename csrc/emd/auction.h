@@ -1,0 +1,99 @@
+// Shared host/device pieces of the epsilon-scaling Jacobi auction (Bertsekas) for the assignment problem
+// (N = M, uniform weights). The CUDA kernel (emd.cu, one block per batch item) and the CPU loop (emd_cpu.cpp)
+// run the same rounds on the same data with the same tie-breaking; only the drivers differ (parallel / serial).
+//
+// Minimisation form. Person i (a point of x) holding object j (a point of y) pays c_ij + p_j. A round: every
+// unassigned person i finds its best object j1 = argmin_j (c_ij + p_j) (value w1; ties to the smaller j) and
+// the second-best value w2, and bids p_j1 + (w2 - w1) + eps on j1; each object takes its highest bid (ties to
+// the smaller person index) and evicts its previous holder. Every held object then satisfies eps-complementary
+// slackness. Phases divide eps by kEpsFactor and keep the prices; between phases only the persons that violate
+// the new eps are unassigned.
+//
+// Certificate (this is what "exact up to tol" means): with m_i = min_j (c_ij + p_j), the potentials
+// f_i = m_i, g_j = -p_j are dual feasible (f_i + g_j <= c_ij), so D = sum f + sum g <= OPT <= P = sum_i c_i,s(i),
+// and  gap = P - D = sum_i (c_i,s(i) + p_s(i) - m_i)  is a sum of non-negative per-row slacks (each <= eps).
+// The solver stops when gap <= tol * P, so the returned cost is within a relative tol of the optimum:
+// (cost - OPT) <= tol * cost. Costs are evaluated in the input precision and summed in double.
+#pragma once
+#include <cmath>
+
+#include "common/host_device.h"
+
+namespace flashavatar {
+namespace ot {
+
+constexpr double kEpsFactor = 5.0;  // eps reduction per phase
+constexpr double kInf = 1e300;
+constexpr int kNoIndex = 0x7fffffff;
+
+// |x - y|^p for p in {1, 2}; x, y of dimension d (DIM > 0 fixes it at compile time).
+template <int DIM, typename scalar_t>
+FA_HD scalar_t ground_cost(const scalar_t* x, const scalar_t* y, int d, int p) {
+  const int dd = DIM > 0 ? DIM : d;
+  scalar_t s = scalar_t(0);
+  for (int k = 0; k < dd; ++k) {
+    const scalar_t t = x[k] - y[k];
+    s += t * t;
+  }
+  return p == 1 ? sqrt(s) : s;
+}
+
+// Smallest value (with its index, ties to the smaller index) and second smallest value of a stream.
+struct BestTwo {
+  double w1, w2;
+  int j1;
+};
+
+FA_HD BestTwo best_two_init() { return BestTwo{kInf, kInf, kNoIndex}; }
+
+FA_HD void best_two_push(BestTwo& b, double v, int j) {
+  if (v < b.w1 || (v == b.w1 && j < b.j1)) {
+    b.w2 = b.w1;
+    b.w1 = v;
+    b.j1 = j;
+  } else if (v < b.w2) {
+    b.w2 = v;
+  }
+}
+
+// Merge of two partial results; exact, commutative and associative, so reductions are deterministic.
+FA_HD void best_two_merge(BestTwo& b, const BestTwo& o) {
+  best_two_push(b, o.w1, o.j1);
+  best_two_push(b, o.w2, kNoIndex);
+}
+
+// The bid of a person whose scan gave bt: the price of j1 that makes j1 exactly eps better than the runner-up.
+FA_HD double bid_price(const BestTwo& bt, double price_j1, double eps) {
+  const double margin = bt.w2 < kInf ? bt.w2 - bt.w1 : 0.0;  // w2 = inf only when N = 1
+  return price_j1 + margin + eps;
+}
+
+// Upper bound on every cost: |x_i - y_j| <= |x_i - o| + |y_j - o| with o = x_0.
+FA_HD double cost_bound(double max_dist_x, double max_dist_y, int p) {
+  const double r = max_dist_x + max_dist_y;
+  return p == 1 ? r : r * r;
+}
+
+// Initial eps: a quarter of the cost bound (prices start at 0).
+FA_HD double initial_eps(double cmax) { return 0.25 * cmax; }
+
+// Smallest useful eps: below it, price + eps rounds back to the price in double.
+FA_HD double eps_floor(double cmax) { return 1e-13 * cmax; }
+
+// True when the certificate meets the tolerance (P = 0 is optimal: costs are non-negative).
+FA_HD bool certified(double primal, double gap, double tol) { return primal <= 0.0 || gap <= tol * primal; }
+
+// eps of the next phase: eps / kEpsFactor, but no smaller than needed for n * eps <= tol * P / 2 (which
+// guarantees the certificate) unless eps is already there.
+FA_HD double next_eps(double eps, double primal, double tol, int n) {
+  const double target = 0.5 * tol * primal / static_cast<double>(n);
+  const double scaled = eps / kEpsFactor;
+  if (target < eps && scaled < target) return target;
+  return scaled;
+}
+
+// Status codes written per batch item.
+enum AuctionStatus : int { kRunning = 0, kConverged = 1, kMaxIter = 2, kEpsUnderflow = 3 };
+
+}  // namespace ot
+}  // namespace flashavatar

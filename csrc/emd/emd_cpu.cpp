@@ -1,0 +1,194 @@
+// CPU kernels of emd: the auction rounds of emd.cu run serially (same rounds, same tie-breaking, shared code in
+// auction.h), batch items in parallel; the transportation solver (ssp.h) for general weights / N != M.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/types.h>
+
+#include <vector>
+
+#include "emd/auction.h"
+#include "emd/emd.h"
+#include "emd/ssp.h"
+
+namespace flashavatar {
+namespace {
+
+struct AuctionOut {
+  double primal = 0.0, gap = 0.0;
+  int status = ot::kRunning;
+  long long rounds = 0;
+};
+
+// One assignment problem, n persons (x) and n objects (y). sigma [n] out (person -> object), price [n] out,
+// row_min [n] out (f_i = min_j c_ij + p_j).
+template <int DIM, typename scalar_t>
+AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d, int p, double tol,
+                             long long max_iter, int* sigma, double* price, double* row_min) {
+  using namespace ot;
+  auto cost = [&](int i, int j) -> double {
+    return static_cast<double>(ground_cost<DIM, scalar_t>(x + static_cast<long>(i) * d, y + static_cast<long>(j) * d, d, p));
+  };
+  AuctionOut out;
+  std::vector<int> owner(n, -1), cur, nxt, bid_obj(n), winner(n, kNoIndex);
+  std::vector<double> bid_val(n), best_bid(n, -1.0), slack(n);
+  for (int i = 0; i < n; ++i) sigma[i] = -1, price[i] = 0.0;
+  // cost bound from the distances to o = x_0
+  double rx = 0.0, ry = 0.0;
+  for (int i = 0; i < n; ++i) {
+    rx = std::max(rx, std::sqrt(static_cast<double>(ground_cost<DIM, scalar_t>(x + static_cast<long>(i) * d, x, d, 2))));
+    ry = std::max(ry, std::sqrt(static_cast<double>(ground_cost<DIM, scalar_t>(y + static_cast<long>(i) * d, x, d, 2))));
+  }
+  const double cmax = cost_bound(rx, ry, p);
+  double eps = initial_eps(cmax);
+  cur.resize(n);
+  for (int i = 0; i < n; ++i) cur[i] = i;
+  while (true) {
+    // ---- rounds of the phase, until everyone holds an object ----
+    while (!cur.empty() && out.rounds < max_iter) {
+      ++out.rounds;
+      const int count = static_cast<int>(cur.size());
+      for (int k = 0; k < count; ++k) {  // bids (against the prices at the start of the round: Jacobi)
+        const int i = cur[k];
+        BestTwo bt = best_two_init();
+        for (int j = 0; j < n; ++j) best_two_push(bt, cost(i, j) + price[j], j);
+        bid_obj[k] = bt.j1;
+        bid_val[k] = bid_price(bt, price[bt.j1], eps);
+      }
+      for (int k = 0; k < count; ++k) {  // highest bid per object, ties to the smaller person index
+        const int j = bid_obj[k], i = cur[k];
+        if (bid_val[k] > best_bid[j] || (bid_val[k] == best_bid[j] && i < winner[j])) best_bid[j] = bid_val[k], winner[j] = i;
+      }
+      nxt.clear();
+      for (int k = 0; k < count; ++k) {
+        const int j = bid_obj[k], i = cur[k];
+        if (winner[j] == i) {
+          const int old = owner[j];
+          if (old >= 0) sigma[old] = -1, nxt.push_back(old);
+          owner[j] = i;
+          sigma[i] = j;
+          price[j] = bid_val[k];
+        } else {
+          nxt.push_back(i);
+        }
+      }
+      for (int k = 0; k < count; ++k) best_bid[bid_obj[k]] = -1.0, winner[bid_obj[k]] = kNoIndex;
+      cur.swap(nxt);
+    }
+    if (!cur.empty()) {  // out of rounds: complete the assignment with the free objects, report it
+      int j = 0;
+      for (int i : cur) {
+        while (owner[j] >= 0) ++j;
+        owner[j] = i, sigma[i] = j;
+      }
+      cur.clear();
+      out.status = kMaxIter;
+    }
+    // ---- certificate ----
+    double primal = 0.0, gap = 0.0;
+    for (int i = 0; i < n; ++i) {
+      double m = kInf;
+      for (int j = 0; j < n; ++j) m = std::min(m, cost(i, j) + price[j]);
+      const double ci = cost(i, sigma[i]);
+      row_min[i] = m;
+      slack[i] = std::max(0.0, ci + price[sigma[i]] - m);
+      primal += ci;
+      gap += slack[i];
+    }
+    out.primal = primal, out.gap = gap;
+    if (certified(primal, gap, tol)) {
+      out.status = kConverged;  // a certificate beats a max_iter stop
+      break;
+    }
+    if (out.status == kMaxIter) break;
+    const double eps_new = next_eps(eps, primal, tol, n);
+    if (eps_new < eps_floor(cmax)) {
+      out.status = kEpsUnderflow;
+      break;
+    }
+    eps = eps_new;
+    for (int i = 0; i < n; ++i)
+      if (slack[i] > eps) owner[sigma[i]] = -1, sigma[i] = -1, cur.push_back(i);
+  }
+  return out;
+}
+
+template <typename scalar_t>
+AuctionOut auction_dispatch_cpu(const scalar_t* x, const scalar_t* y, int n, int d, int p, double tol,
+                                long long max_iter, int* sigma, double* price, double* row_min) {
+  switch (d) {
+    case 2: return auction_solve_cpu<2, scalar_t>(x, y, n, d, p, tol, max_iter, sigma, price, row_min);
+    case 3: return auction_solve_cpu<3, scalar_t>(x, y, n, d, p, tol, max_iter, sigma, price, row_min);
+    default: return auction_solve_cpu<0, scalar_t>(x, y, n, d, p, tol, max_iter, sigma, price, row_min);
+  }
+}
+
+}  // namespace
+
+EmdOutputs emd_forward_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const c10::optional<at::Tensor>& a_in,
+                           const c10::optional<at::Tensor>& b_in, int64_t p, double tol, int64_t max_iter) {
+  const char* op = "flashavatar::emd_forward";
+  check_emd_args(op, x_in, y_in, a_in, b_in, p, tol, max_iter);
+  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  const int64_t nb = x.size(0), n = x.size(1), m = y.size(1), d = x.size(2), k = n + m - 1;
+  const bool assignment = !a_in.has_value() && n == m;
+  const auto f64 = x.options().dtype(at::kDouble);
+  at::Tensor cost = at::zeros({nb}, f64), plan_index = at::zeros({nb, k, 2}, x.options().dtype(at::kLong)),
+             plan_weight = at::zeros({nb, k}, f64), f = at::zeros({nb, n}, f64), g = at::zeros({nb, m}, f64),
+             status = at::zeros({nb}, x.options().dtype(at::kInt)), gap = at::zeros({nb}, f64),
+             iterations = at::zeros({nb}, x.options().dtype(at::kLong));
+  at::Tensor a, b;
+  if (!assignment) {
+    a = a_in.has_value() ? a_in->contiguous() : at::full({nb, n}, 1.0 / static_cast<double>(n), f64);
+    b = b_in.has_value() ? b_in->contiguous() : at::full({nb, m}, 1.0 / static_cast<double>(m), f64);
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emd_forward_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    double *cost_p = cost.data_ptr<double>(), *w_p = plan_weight.data_ptr<double>(), *f_p = f.data_ptr<double>(),
+           *g_p = g.data_ptr<double>(), *gap_p = gap.data_ptr<double>();
+    int64_t *idx_p = plan_index.data_ptr<int64_t>(), *it_p = iterations.data_ptr<int64_t>();
+    int* st_p = status.data_ptr<int>();
+    at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bi = begin; bi < end; ++bi) {
+        const scalar_t* xb = xp + bi * n * d;
+        const scalar_t* yb = yp + bi * m * d;
+        int64_t* idx = idx_p + bi * k * 2;
+        double* w = w_p + bi * k;
+        if (assignment) {
+          std::vector<int> sigma(n);
+          std::vector<double> price(n);
+          const AuctionOut r = auction_dispatch_cpu<scalar_t>(xb, yb, static_cast<int>(n), static_cast<int>(d),
+                                                             static_cast<int>(p), tol, max_iter, sigma.data(),
+                                                             price.data(), f_p + bi * n);
+          for (int64_t i = 0; i < n; ++i) {
+            idx[2 * i] = i, idx[2 * i + 1] = sigma[i], w[i] = 1.0 / static_cast<double>(n);
+            g_p[bi * m + i] = -price[i];
+          }
+          cost_p[bi] = r.primal / static_cast<double>(n);
+          gap_p[bi] = r.gap / static_cast<double>(n);
+          st_p[bi] = r.status;
+          it_p[bi] = r.rounds;
+        } else {
+          ot::SspSolver<scalar_t> solver(xb, yb, static_cast<int>(n), static_cast<int>(m), static_cast<int>(d),
+                                         static_cast<int>(p));
+          std::vector<double> flow;
+          const ot::SspResult r = solver.solve(a.data_ptr<double>() + bi * n, b.data_ptr<double>() + bi * m,
+                                               max_iter, flow, f_p + bi * n, g_p + bi * m);
+          int64_t nz = 0;
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < m; ++j) {
+              const double fl = flow[static_cast<size_t>(i * m + j)];
+              if (fl > 0.0 && nz < k) idx[2 * nz] = i, idx[2 * nz + 1] = j, w[nz] = fl, ++nz;
+            }
+          cost_p[bi] = r.cost;
+          gap_p[bi] = r.gap;
+          st_p[bi] = r.status;
+          it_p[bi] = r.iterations;
+        }
+      }
+    });
+  });
+  return {cost, plan_index, plan_weight, f, g, status, gap, iterations};
+}
+
+}  // namespace flashavatar
