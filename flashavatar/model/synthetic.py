@@ -383,9 +383,10 @@ def build_head(seed: int = 0) -> HeadModel:
         s = d[:, 0] / 0.019
         t_ = d[:, 1] / 0.016
         rad = np.sqrt(s * s + t_ * t_)
-        sel = head_mask & (P[:, 2] > 0.02) & (t_ >= -0.08) & (rad < 1.0)
-        w = (1 - _smoothstep(0.65, 1.0, rad)) * sel
-        xs, ys = 0.95 * s, np.clip(1.6 * t_ - 0.65, -0.95, 0.95)
+        t0 = -0.35  # the closed lid's lower edge: skin from t0 up is pulled over the eyeball
+        sel = head_mask & (P[:, 2] > 0.02) & (t_ >= t0) & (rad < 1.0)
+        w = (1 - _smoothstep(0.7, 1.0, rad)) * sel
+        xs, ys = 0.97 * s, np.clip(-0.97 + 1.94 * (t_ - t0) / (1 - t0), -0.97, 0.97)
         zs = np.sqrt(np.clip(1 - xs * xs - ys * ys, 0.0, None))
         rho = EYE_RADIUS + 0.0015
         target = c + rho * np.stack((xs, ys, zs), -1)
