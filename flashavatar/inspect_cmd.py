@@ -52,11 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_root", type=Path, nargs="?", default=None,
                         help="data root holding <id>/imgs (default with --run: the run's)")
     parser.add_argument("tracker_root", type=Path, nargs="?", default=None,
-                        help="tracker root holding <id>/checkpoint/*.frame (default: the run's, else DATA_ROOT)")
+                        help="tracker root holding <id>/checkpoint/*.frame (default: the run's, else "
+                             "DATA_ROOT/tracker when it holds <id>, else DATA_ROOT)")
     parser.add_argument("--id", default=None, help="subject name (default with --run: the run's)")
     parser.add_argument("--run", type=Path, default=None, help="trained run folder (config.yaml + checkpoints/)")
     parser.add_argument("--head-model", type=Path, default=None,
-                        help="FLAME generic_model.pkl or the synthetic head (not needed with --run)")
+                        help="FLAME generic_model.pkl or the synthetic head (default DATA_ROOT/flame/"
+                             "generic_model.pkl; not needed with --run)")
     parser.add_argument("--template", type=Path, default=None,
                         help="template OBJ with UVs (default: the .obj next to the head model)")
     parser.add_argument("--frames", default=None,
@@ -109,22 +111,34 @@ def _build(args) -> tuple:
         flame, avatar = session.flame, session.avatar
         data_cfg = session.cfg.data
         data_root = args.data_root or Path(data_cfg.data_root)
-        tracker_root = args.tracker_root or Path(data_cfg.tracker_root or data_cfg.data_root)
         subject = args.id or data_cfg.subject
+        tracker_root = args.tracker_root or (Path(data_cfg.tracker_root) if data_cfg.tracker_root
+                                             else default_tracker_root(data_root, subject))
         offset = data_cfg.frame_offset if args.offset is None else args.offset
         template = None
     else:
-        if args.data_root is None or args.id is None or args.head_model is None:
-            raise ValueError("give DATA_ROOT [TRACKER_ROOT] --id NAME --head-model PKL, or --run RUN_DIR")
+        if args.data_root is None or args.id is None:
+            raise ValueError("give DATA_ROOT [TRACKER_ROOT] --id NAME [--head-model PKL], or --run RUN_DIR")
         from flashavatar.model import FLAME
 
-        flame = FLAME(args.head_model)
         data_root, subject = args.data_root, args.id
-        tracker_root = args.tracker_root or args.data_root
+        head_model = args.head_model or Path(data_root) / "flame" / "generic_model.pkl"
+        if not Path(head_model).is_file():
+            raise FileNotFoundError(f"--head-model {head_model}: no such file (FLAME generic_model.pkl, or the "
+                                    "synthetic head written by `flashavatar synth`)")
+        flame = FLAME(head_model)
+        tracker_root = args.tracker_root or default_tracker_root(data_root, subject)
         offset = 1 if args.offset is None else args.offset
-        template = args.template or find_template(args.head_model)
+        template = args.template or find_template(head_model)
     return flame, avatar, {"data_root": Path(data_root), "tracker_root": Path(tracker_root), "id": subject,
                            "offset": offset, "template": template}
+
+
+def default_tracker_root(data_root, subject: str) -> Path:
+    """``<data_root>/tracker`` when it holds the subject (the layout `flashavatar synth` writes), else the
+    data root itself (the same rule as training)."""
+    candidate = Path(data_root) / "tracker"
+    return candidate if (candidate / subject).is_dir() else Path(data_root)
 
 
 def find_template(head_model: Path) -> Path:

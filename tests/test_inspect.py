@@ -155,3 +155,39 @@ def test_inspect_errors_name_the_file(subject, tmp_path, capsys):
     assert "00000.frame" in err and "missing key 'opencv.K'" in err
     assert I.parse_frames("2-3,1", [1, 2, 3]) == [2, 3, 1]
     assert I.parse_frames(None, [1, 2, 3, 4, 5]) == [1, 3, 5]
+
+
+def test_inspect_a_trained_run_uses_its_avatar(subject, tmp_path):
+    """--run: FLAME, avatar weights and data paths come from a run folder (config.yaml + checkpoint)."""
+    from plyfile import PlyData
+
+    from flashavatar import config as config_mod
+    from flashavatar.io_utils import save_checkpoint
+
+    AvatarSession = pytest.importorskip("flashavatar.session").AvatarSession  # lands with the trainer
+
+    root, head_model, _ = subject
+    cfg = config_mod.from_dict({"data": {"data_root": str(root / "data"), "tracker_root": str(root / "tracker"),
+                                         "subject": "s", "n_test": 1},
+                                "model": {"head_model": str(head_model), "uv_size": UV_SIZE},
+                                "train": {"device": "cpu"}})
+    run = tmp_path / "run"
+    config_mod.save(cfg, run / "config.yaml")
+    session = AvatarSession.build(cfg, torch.device("cpu"), load_frames=False)
+    avatar = session.avatar
+    with torch.no_grad():  # "trained" colours and offsets
+        avatar.features_dc.copy_(torch.rand(avatar.features_dc.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+        avatar.mlp_out.bias.copy_(torch.tensor([0.5, 0, 0, 0, 0, 0, 0, 0, 0, 0]))  # Δx = +0.46 m in x
+    save_checkpoint(run / "checkpoints" / "last.pt", {"model": avatar.state_dict()})
+
+    out = tmp_path / "out"
+    assert cli.main(["inspect", "--run", str(run), "--frames", "2", "--out", str(out)]) == 0
+    points = PlyData.read(str(out / "00002_gaussians.ply"))["vertex"]
+    assert points.count == avatar.n_gaussians
+    expected = np.round(np.clip(0.5 + I.SH_C0 * avatar.features_dc[:, 0].detach().numpy(), 0, 1) * 255)
+    np.testing.assert_array_equal(np.stack([points["red"], points["green"], points["blue"]], 1), expected)
+    frame = I.load_frame(root / "data", root / "tracker", "s", 2)
+    with torch.no_grad():
+        means = avatar(frame.codes)["means"][0].numpy()
+    np.testing.assert_allclose(np.stack([points["x"], points["y"], points["z"]], 1), means, atol=1e-6)
+    assert means[:, 0].mean() > 0.3  # the trained offset is there
