@@ -92,7 +92,9 @@ class ValidationReport:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_root", type=Path, help="data root holding <id>/imgs, alpha, parsing")
     parser.add_argument("tracker_root", type=Path, nargs="?", default=None,
-                        help="tracker root holding <id>/checkpoint/*.frame (leave out to check images only)")
+                        help="tracker root holding <id>/checkpoint/*.frame (default, as in training: "
+                             "DATA_ROOT/tracker when it holds <id>, else DATA_ROOT when <id>/checkpoint is there)")
+    parser.add_argument("--images-only", action="store_true", help="do not look for tracker files")
     parser.add_argument("--id", required=True, help="subject name")
     parser.add_argument("--offset", type=int, default=1,
                         help="image number - tracker number of a pair (default 1: 00000.frame ↔ 00001.jpg)")
@@ -111,12 +113,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = validate_subject(args.data_root, args.tracker_root, args.id, offset=args.offset,
+    tracker_root = None if args.images_only else (args.tracker_root or default_tracker_root(args.data_root, args.id))
+    if tracker_root is None and not args.images_only:
+        print(f"no tracker folder given or found ({Path(args.data_root) / 'tracker' / args.id / 'checkpoint'}, "
+              f"{Path(args.data_root) / args.id / 'checkpoint'}): checking images only")
+    report = validate_subject(args.data_root, tracker_root, args.id, offset=args.offset,
                               test_frames=args.test_frames, max_train=args.max_train,
                               expected_size=tuple(args.size) if args.size else None, decode=not args.quick,
                               trust_tracker_files=args.trust_tracker_files, progress=not args.quiet)
     print(report.format())
     return 0 if report.ok else 1
+
+
+def default_tracker_root(data_root, subject: str) -> Path | None:
+    """Where training looks for tracker files when none is configured: ``<data_root>/tracker`` when it holds
+    the subject, else ``<data_root>``; None when neither has ``<subject>/checkpoint``."""
+    for root in (Path(data_root) / "tracker", Path(data_root)):
+        if (root / subject / "checkpoint").is_dir():
+            return root
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

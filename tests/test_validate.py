@@ -183,6 +183,14 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert "imgs/00002.jpg: missing" in out and "FAILED" in out
     assert cli.main(["validate", str(tmp_path / "nowhere"), "--id", "s", "--quiet"]) == 1
     assert "no such folder" in capsys.readouterr().out
+    # the tracker folder defaults to DATA_ROOT/tracker as in training (`flashavatar synth` layout)
+    (tmp_path / "tracker").rename(tmp_path / "data" / "tracker")
+    assert cli.main(["validate", str(tmp_path / "data"), "--id", "s", "--test-frames", "2", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "tracker files: 6" in out and "00001.frame pairs with this frame" in out
+    assert cli.main(["validate", str(tmp_path / "data"), "--id", "s", "--test-frames", "2", "--images-only",
+                     "--quiet"]) == 1
+    assert "tracker files" not in capsys.readouterr().out
 
 
 def test_camera_checks_and_restricted_loading(tmp_path):
