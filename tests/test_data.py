@@ -88,6 +88,15 @@ def test_pytorch3d_camera_conversion(subject, tmp_path):
     np.testing.assert_allclose(R[0].numpy(), fr.R, atol=1e-12)
     np.testing.assert_allclose(t[0].numpy(), fr.t, atol=1e-12)
     np.testing.assert_allclose(K[0].numpy(), fr.K, atol=1e-9)
+    # independent check of the PyTorch3D convention: X_cam = X_world R + T (row vectors), NDC x left / y up,
+    # the shorter image side spans [-1, 1]; pixel u = w/2 - s x_ndc, v = h/2 - s y_ndc with s = min(h, w)/2
+    X = torch.tensor([[0.01, -0.03, 0.05], [-0.04, 0.02, 0.0]], dtype=torch.float64)
+    cam = X @ Rp[0] + Tp[0]
+    ndc = fl[0] * cam[:, :2] / cam[:, 2:] + pp[0]
+    s = min(H, W) / 2
+    pix_p3d = torch.stack((W / 2 - s * ndc[:, 0], H / 2 - s * ndc[:, 1]), -1)
+    pix_cv, _ = project_points(X, torch.as_tensor(fr.viewmat), torch.as_tensor(fr.K))
+    torch.testing.assert_close(pix_p3d, pix_cv)
     # a file with only the PyTorch3D camera (as some tracker versions write) gives the same OpenCV camera
     d = torch.load(fr.path, weights_only=False)
     del d["opencv"]

@@ -242,11 +242,16 @@ class GaussianAvatar(nn.Module):
         self.mlp_in_cond = nn.Linear(cond_dim, hidden, bias=False)
         self.mlp_hidden = nn.Sequential(*[m for _ in range(layers - 1) for m in (nn.Linear(hidden, hidden), nn.ReLU())])
         self.mlp_out = nn.Linear(hidden, 10)
-        with torch.no_grad():  # small output layer: the avatar starts as the bare mesh
+        with torch.no_grad():  # PyTorch's default Linear init, seeded; a small output layer (starts as the mesh)
             bound = 1.0 / math.sqrt(pe_dim + cond_dim)
             self.mlp_in_pe.weight.uniform_(-bound, bound, generator=gen)
             self.mlp_in_pe.bias.uniform_(-bound, bound, generator=gen)
             self.mlp_in_cond.weight.uniform_(-bound, bound, generator=gen)
+            for layer in self.mlp_hidden:
+                if isinstance(layer, nn.Linear):
+                    b = 1.0 / math.sqrt(layer.in_features)
+                    layer.weight.uniform_(-b, b, generator=gen)
+                    layer.bias.uniform_(-b, b, generator=gen)
             self.mlp_out.weight.uniform_(-1e-3, 1e-3, generator=gen)
             self.mlp_out.bias.zero_()
 

@@ -483,6 +483,10 @@ def write_head_model(out_dir, *, seed: int = 0, chumpy_like: bool = True, textur
     out.mkdir(parents=True, exist_ok=True)
     head = build_head(seed)
     data = flame_pickle_dict(head, chumpy_like=chumpy_like)
+    if chumpy_like and ("chumpy" in sys.modules or "chumpy.ch" in sys.modules):
+        log.info("chumpy is loaded: writing shapedirs as a plain array")
+        data["shapedirs"] = head.shapedirs
+        chumpy_like = False
     if chumpy_like:
         with _fake_chumpy_module():
             blob = pickle.dumps(data, protocol=2)
