@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="rewrite files that exist (default: keep them and resume)")
     parser.add_argument("--check", nargs="?", const="", default=None, metavar="TRACKER_ROOT",
-                        help="validate the result afterwards (with the tracker folder when given)")
+                        help="validate the result afterwards (with the tracker folder: given, or found as in training)")
     parser.add_argument("--test-frames", type=int, default=500,
                         help="--check: the last this-many frames are the test split (default 500)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -149,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     if args.check is not None:
         from flashavatar import validate
 
-        report = validate.validate_subject(args.out, args.check or None, args.id, test_frames=args.test_frames,
+        tracker_root = args.check or validate.default_tracker_root(args.out, args.id)
+        report = validate.validate_subject(args.out, tracker_root, args.id, test_frames=args.test_frames,
                                            progress=not args.quiet)
         print(report.format())
         return 0 if report.ok else 1
