@@ -363,6 +363,7 @@ def test_face_parser_shapes_on_random_weights(tmp_path):
     # checkpoints load by parameter name (DataParallel prefixes and the unused spatial path tolerated)
     state = {f"module.{k}": v for k, v in net.state_dict().items()}
     state["sp.conv1.conv.weight"] = torch.zeros(1)
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # old checkpoints
     torch.save(state, tmp_path / "parser.pth")
     loaded = load_face_parser(tmp_path / "parser.pth")
     labels = parse_faces(loaded, np.random.default_rng(0).integers(0, 255, (2, 40, 40, 3), dtype=np.uint8),

@@ -186,6 +186,9 @@ def load_face_parser(weights: str | os.PathLike, *, n_classes: int = 19,
     # the original code base also defines an unused spatial path (``sp.*``); ignore it if present
     state = {k: v for k, v in state.items() if not k.startswith("sp.")}
     expected = net.state_dict()
+    for key, value in expected.items():  # checkpoints from before PyTorch 0.4.1 lack this BN counter
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
