@@ -38,6 +38,8 @@ class ModelConfig:
     uv_size: int = 128
     sh_degree: int = 3
     parity: bool = False  # True = original FlashAvatar deformation (no triangle frames, multiplicative scale)
+    mlp_hidden: int = 256  # width of the deformation MLP (SPEC 3: 256)
+    mlp_layers: int = 6  # its depth (SPEC 3: 6)
 
 
 @dataclass
@@ -108,8 +110,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "train": {"iterations": 600, "batch_size": 2, "sh_increase_every": 150, "preview_every": 200,
                   "checkpoint_every": 200, "log_every": 20, "eval_frames": 4},
-        "model": {"uv_size": 48, "sh_degree": 2},
-        "data": {"n_test": 20, "image_scale": 1.0},
+        "model": {"uv_size": 48, "sh_degree": 2, "mlp_hidden": 128, "mlp_layers": 4},
+        "data": {"n_test": 20, "image_scale": 0.5},
         "loss": {"perceptual_from": 400, "w2_from": 200},
         "optim": {"lr_final_factor": 0.3},
     },

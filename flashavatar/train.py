@@ -1,0 +1,355 @@
+"""Training of a Gaussian head avatar (SPEC 4), and the ``flashavatar train`` command.
+
+One step: sample frames (adjacent pairs when the Wasserstein term is on), FLAME -> avatar -> rasterise the
+batch in one call, then
+
+    loss = Huber(render, gt)                                   (delta 0.1)
+         + 40 * Huber(render * M_mouth, gt * M_mouth)
+         + 0.05 * perceptual(render * M_head, gt * M_head)      after loss.perceptual_from (SSIM or LPIPS)
+         + w2_weight * mean W2^2(residual_t-1, residual_t)      after loss.w2_from, in millimetres
+         + emd_weight * EMD(offset centres, surface points)     after loss.emd_from (optional)
+
+Adam with one group per parameter kind (SPEC 4 learning rates), SH degree +1 every
+``train.sh_increase_every`` iterations. Checkpoints (model, optimiser, iteration, every RNG state) are
+written atomically to ``<out>/checkpoints/last.pt``; running the same command again resumes from it, and
+Ctrl-C saves one and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import config as config_mod
+from . import losses, metrics
+from .config import Config
+from .io_utils import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_png
+from .rasterize_fallback import pick_rasterizer
+from .session import AvatarSession, resolve_device
+
+log = logging.getLogger("flashavatar.train")
+
+
+@dataclass
+class TrainResult:
+    iteration: int
+    interrupted: bool
+    checkpoint: Path
+    test_loss_start: float | None = None
+    test_loss_end: float | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Owns the session (data, FLAME, avatar), the optimiser and the loop state of one run folder."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path, *, device: str | torch.device | None = None,
+                 resume: bool = True):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.ckpt_path = self.out / "checkpoints" / "last.pt"
+        self.device = resolve_device(device or cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        self.session = AvatarSession.build(cfg, self.device)
+        self.avatar = self.session.avatar
+        self.optimizer = torch.optim.Adam(self._param_groups(), eps=cfg.optim.eps)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.sampler = torch.Generator().manual_seed(cfg.train.seed + 1)  # frame sampling only
+        self.iteration = 0
+        self.history: list[dict[str, float]] = []
+        self.test_loss_start: float | None = None
+        self.perceptual = self._make_perceptual()
+        self.rasterizer_name, _ = pick_rasterizer(self.device)
+        if resume and self.ckpt_path.is_file():
+            self.load(self.ckpt_path)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _param_groups(self) -> list[dict[str, Any]]:
+        o = self.cfg.optim
+        lrs = {"mlp": o.lr_mlp, "f_dc": o.lr_color, "f_rest": o.lr_color / o.sh_rest_divisor,
+               "opacity": o.lr_opacity, "scaling": o.lr_scale, "rotation": o.lr_rotation}
+        groups = []
+        for name, params in self.session.param_groups().items():
+            if name not in lrs:
+                raise RuntimeError(f"train: the avatar has a parameter group '{name}' with no learning rate")
+            groups.append({"params": params, "lr": lrs[name], "name": name})
+        return groups
+
+    def _make_perceptual(self):
+        kind = self.cfg.loss.perceptual
+        if kind == "none" or self.cfg.loss.perceptual_weight == 0:
+            return None
+        if kind == "lpips" or (kind == "auto" and metrics.lpips_weights_available(self.cfg.loss.lpips_weights)):
+            net = metrics.LPIPS(self.cfg.loss.lpips_weights).to(self.device)
+            return lambda pred, gt: net(pred, gt).mean()
+        return losses.ssim_loss
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.avatar.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "iteration": self.iteration,
+            "rng": rng_state(),
+            "sampler": self.sampler.get_state(),
+            "config": self.cfg.to_dict(),
+            "history": self.history,
+            "test_loss_start": self.test_loss_start,
+        }
+
+    def save(self, path: Path | None = None) -> Path:
+        path = path or self.ckpt_path
+        save_checkpoint(path, self.state())
+        config_mod.save(self.cfg, self.out / "config.yaml")
+        return path
+
+    def load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.avatar.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.iteration = int(ckpt["iteration"])
+        set_rng_state(ckpt["rng"])
+        self.sampler.set_state(ckpt["sampler"])
+        self.history = list(ckpt.get("history", []))
+        self.test_loss_start = ckpt.get("test_loss_start")
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def active_sh_degree(self, iteration: int) -> int:
+        return min(self.session.sh_degree, iteration // self.cfg.train.sh_increase_every)
+
+    def _lr_factor(self, iteration: int) -> float:
+        final = self.cfg.optim.lr_final_factor
+        return final ** (iteration / max(1, self.cfg.train.iterations)) if final != 1.0 else 1.0
+
+    def _sample(self) -> tuple[torch.Tensor, int]:
+        """Frame indices for one step: [B] or, with pairs, [2P] laid out as (t-1 of all pairs, t of all)."""
+        data = self.session.train_frames
+        bs = self.cfg.train.batch_size
+        if self.cfg.loss.w2_weight > 0 and len(data) > 1:
+            pairs = max(1, bs // 2)
+            t = torch.randint(0, len(data.pair_next), (pairs,), generator=self.sampler)
+            prev, nxt = data.pair_prev[t], data.pair_next[t]
+            return torch.cat([prev, nxt]), pairs
+        return torch.randint(0, len(data), (bs,), generator=self.sampler), 0
+
+    def step(self) -> dict[str, float]:
+        """One optimisation step; returns the loss terms (floats) of this step."""
+        cfg, it = self.cfg, self.iteration
+        factor = self._lr_factor(it)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        idx, pairs = self._sample()
+        batch = self.session.train_frames.batch(idx, self.device)
+        out = self.session.render(batch, sh_degree=self.active_sh_degree(it), want_residual=pairs > 0,
+                                  want_surface=cfg.loss.emd_weight > 0 and it >= cfg.loss.emd_from)
+        pred, gt = out["image"], batch["gt"]  # [B, H, W, 3]
+        terms: dict[str, torch.Tensor] = {}
+        lc = cfg.loss
+        terms["image"] = losses.huber(pred, gt, lc.huber_delta)
+        if lc.mouth_weight > 0:
+            terms["mouth"] = lc.mouth_weight * losses.huber(pred, gt, lc.huber_delta, mask=batch["mouth_mask"])
+        if self.perceptual is not None and it >= lc.perceptual_from:
+            head = batch["head_mask"][..., None]
+            terms["perceptual"] = lc.perceptual_weight * self.perceptual(pred * head, gt * head)
+        if pairs > 0 and it >= lc.w2_from:
+            res = out["residual"]
+            s0 = {k: v[:pairs] for k, v in res.items()}
+            s1 = {k: v[pairs:] for k, v in res.items()}
+            terms["w2"] = lc.w2_weight * losses.wasserstein_temporal(s0, s1, lc.w2_unit_scale)
+        if "surface" in out:
+            terms["emd"] = lc.emd_weight * self._emd_term(out["means"], out["surface"])
+        total = sum(terms.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"train: non-finite loss at iteration {it}: "
+                                     + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.iteration += 1
+        result = {k: float(v.detach()) for k, v in terms.items()}
+        result["total"] = float(total.detach())
+        return result
+
+    def _emd_term(self, means: torch.Tensor, surface: torch.Tensor) -> torch.Tensor:
+        """EMD between a random subset of offset centres and the surface points of the same Gaussians."""
+        n = means.shape[1]
+        k = min(self.cfg.loss.emd_points, n)
+        pick = torch.randperm(n, generator=self.sampler)[:k].to(means.device)
+        scale = self.cfg.loss.w2_unit_scale  # millimetres, like the W2 term
+        return losses.emd(means[:, pick] * scale, surface[:, pick] * scale).mean()
+
+    @torch.no_grad()
+    def test_loss(self) -> float:
+        """Huber image loss on the first ``train.eval_frames`` test frames (full SH degree in use)."""
+        data = self.session.test_frames
+        n = min(len(data), self.cfg.train.eval_frames)
+        if n == 0:
+            return float("nan")
+        idx = torch.linspace(0, len(data) - 1, n).round().long()
+        total = 0.0
+        for chunk in idx.split(max(1, self.cfg.train.batch_size)):
+            batch = data.batch(chunk, self.device)
+            out = self.session.render(batch, sh_degree=self.active_sh_degree(self.iteration))
+            total += float(losses.huber(out["image"], batch["gt"], self.cfg.loss.huber_delta)) * len(chunk)
+        return total / n
+
+    @torch.no_grad()
+    def preview(self) -> Path:
+        data = self.session.test_frames if len(self.session.test_frames) else self.session.train_frames
+        batch = data.batch(torch.tensor([0]), self.device)
+        out = self.session.render(batch, sh_degree=self.active_sh_degree(self.iteration))
+        side = torch.cat([batch["gt"][0], out["image"][0]], dim=1)  # [H, 2W, 3]
+        path = self.out / "previews" / f"{self.iteration:06d}.png"
+        write_png(path, side)
+        return path
+
+    # ------------------------------------------------------------------------------------------- loop
+    def run(self, max_steps: int | None = None) -> TrainResult:
+        """Train up to ``train.iterations`` (or ``max_steps`` more steps); Ctrl-C saves and returns."""
+        cfg = self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        config_mod.save(self.cfg, self.out / "config.yaml")
+        if self.test_loss_start is None:
+            self.test_loss_start = self.test_loss()
+        end = cfg.iterations if max_steps is None else min(cfg.iterations, self.iteration + max_steps)
+        writer = self._tensorboard()
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="train", unit="it", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        interrupted = False
+        smooth = None
+        try:
+            while self.iteration < end:
+                terms = self.step()
+                it = self.iteration
+                smooth = terms["total"] if smooth is None else 0.9 * smooth + 0.1 * terms["total"]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{smooth:.4f}", sh=self.active_sh_degree(it))
+                if it % cfg.log_every == 0 or it == end:
+                    self.history.append({"iteration": it, **terms})
+                    if writer is not None:
+                        for k, v in terms.items():
+                            writer.add_scalar(f"loss/{k}", v, it)
+                if cfg.eval_every and it % cfg.eval_every == 0:
+                    tl = self.test_loss()
+                    self.history.append({"iteration": it, "test_loss": tl})
+                    if writer is not None:
+                        writer.add_scalar("test/huber", tl, it)
+                if cfg.preview_every and it % cfg.preview_every == 0:
+                    self.preview()
+                if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < end:
+                    self.save()
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("interrupted at iteration %d: saving a checkpoint", self.iteration)
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - t0
+        test_end = None
+        if not interrupted and self.iteration >= cfg.iterations:
+            test_end = self.test_loss()
+            self.history.append({"iteration": self.iteration, "test_loss": test_end})
+            if cfg.preview_every:
+                self.preview()
+        path = self.save()
+        if writer is not None:
+            writer.close()
+        return TrainResult(self.iteration, interrupted, path, self.test_loss_start, test_end, self.history,
+                           seconds)
+
+    def _tensorboard(self):
+        if not self.cfg.train.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+
+# --------------------------------------------------------------------------------------------- command
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by train and demo: preset, config file, dotted overrides."""
+    parser.add_argument("--preset", choices=sorted(config_mod.PRESETS), default=None,
+                        help="starting settings: 'gpu' (full) or 'cpu' (small, minutes on 2 cores); "
+                             "default: gpu on a CUDA machine, else cpu")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML or JSON file overriding the preset (same nesting as the saved config.yaml)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        help="override one setting, e.g. --set train.iterations=2000 --set loss.w2_weight=0.05 "
+                             "(repeatable)")
+
+
+def config_from_args(args: argparse.Namespace, **extra: Any) -> Config:
+    preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    overrides = config_mod.parse_set(args.set)
+    for section, values in extra.items():
+        overrides.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    return config_mod.make_config(preset, args.config, overrides)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", metavar="DIR", default=None,
+                        help="dataset root holding <subject>/imgs, alpha, parsing (data.data_root)")
+    parser.add_argument("--tracker", metavar="DIR", default=None,
+                        help="tracker root holding <subject>/checkpoint/*.frame (default: same as --data)")
+    parser.add_argument("--subject", default=None, help="subject folder name under --data (data.subject)")
+    parser.add_argument("--head-model", metavar="PKL", default=None,
+                        help="FLAME generic_model.pkl (or the synthetic head); default: the subject's own "
+                             "head_model/ folder when present")
+    parser.add_argument("--out", metavar="DIR", required=True,
+                        help="run folder: checkpoints, config.yaml, previews, logs; an existing run is resumed")
+    parser.add_argument("--iterations", type=int, default=None, help="total iterations (train.iterations)")
+    parser.add_argument("--batch-size", type=int, default=None, help="frames per step (train.batch_size)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (train.device)")
+    parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(
+            args,
+            data={"data_root": args.data, "tracker_root": args.tracker, "subject": args.subject},
+            model={"head_model": args.head_model},
+            train={"iterations": args.iterations, "batch_size": args.batch_size, "device": args.device,
+                   "progress": False if args.no_progress else None},
+        )
+        trainer = Trainer(cfg, args.out, resume=not args.fresh)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
+        print(f"flashavatar train: error: {exc}")
+        return 2
+    result = report_training(trainer, trainer.run())
+    return 130 if result.interrupted else 0
+
+
+def report_training(trainer: Trainer, result: TrainResult) -> TrainResult:
+    s = trainer.session
+    print(f"avatar: {s.num_gaussians} Gaussians, {len(s.train_frames)} train / {len(s.test_frames)} test frames,"
+          f" {s.width}x{s.height}, device {trainer.device}, rasteriser '{trainer.rasterizer_name}'")
+    if result.interrupted:
+        print(f"interrupted at iteration {result.iteration}; checkpoint saved to {result.checkpoint} "
+              "(run the same command again to resume)")
+    else:
+        its = (result.iteration / result.seconds) if result.seconds > 0 else math.nan
+        print(f"trained to iteration {result.iteration} in {result.seconds:.1f} s ({its:.2f} it/s); "
+              f"test Huber loss {result.test_loss_start:.5f} -> {result.test_loss_end:.5f}; "
+              f"checkpoint {result.checkpoint}")
+    return result

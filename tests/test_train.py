@@ -1,0 +1,143 @@
+"""Training end to end on a tiny synthetic subject (CPU): convergence, exact resume, atomic checkpoints, Ctrl-C."""
+
+import os
+
+import pytest
+import torch
+
+from flashavatar import config as config_mod
+from flashavatar import io_utils
+from flashavatar.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    from flashavatar.model.synthetic import make_subject
+
+    root = tmp_path_factory.mktemp("subject")
+    make_subject(root, "synthetic", n_frames=16, size=64)
+    return root
+
+
+def tiny_config(root, **overrides):
+    base = {
+        "data": {"data_root": str(root), "subject": "synthetic", "n_test": 4},
+        "model": {"uv_size": 24, "sh_degree": 1, "mlp_hidden": 64, "mlp_layers": 3},
+        "train": {"iterations": 100, "batch_size": 2, "progress": False, "tensorboard": False, "preview_every": 0,
+                  "checkpoint_every": 0, "eval_frames": 4, "sh_increase_every": 50, "log_every": 10},
+        "loss": {"perceptual_from": 60, "w2_from": 50},
+    }
+    for section, values in overrides.items():
+        base.setdefault(section, {}).update(values)
+    return config_mod.make_config(None, None, base)
+
+
+def test_test_loss_falls_well_below_start(subject, tmp_path):
+    trainer = Trainer(tiny_config(subject), tmp_path / "run", device="cpu")
+    result = trainer.run()
+    assert result.iteration == 100 and not result.interrupted
+    assert result.test_loss_end < 0.6 * result.test_loss_start, (result.test_loss_start, result.test_loss_end)
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert list((tmp_path / "run" / "previews").glob("*.png")) == []  # previews off in this config
+
+
+def _params(trainer):
+    return {k: v.detach().clone() for k, v in trainer.avatar.state_dict().items()}
+
+
+def test_resume_gives_the_same_next_steps(subject, tmp_path):
+    # every loss term on (W2 pairs, perceptual, SH schedule) so the RNG and optimiser state all matter
+    over = {"train": {"iterations": 8, "sh_increase_every": 3},
+            "loss": {"w2_weight": 0.05, "w2_from": 2, "perceptual_from": 3}}
+    straight = Trainer(tiny_config(subject, **over), tmp_path / "a", device="cpu")
+    straight.run()
+    first = Trainer(tiny_config(subject, **over), tmp_path / "b", device="cpu")
+    first.run(max_steps=5)
+    assert first.iteration == 5
+    torch.manual_seed(1234)  # a resumed process starts from unrelated global RNG state
+    resumed = Trainer(tiny_config(subject, **over), tmp_path / "b", device="cpu")
+    assert resumed.iteration == 5
+    resumed.run()
+    assert resumed.iteration == 8
+    # same frames drawn, same parameters and optimiser moments (up to BLAS summation-order noise)
+    assert torch.equal(straight.sampler.get_state(), resumed.sampler.get_state())
+    a, b = _params(straight), _params(resumed)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for k in sa:
+        assert torch.allclose(sa[k]["exp_avg"], sb[k]["exp_avg"], rtol=1e-3, atol=1e-8)
+        assert float(sa[k]["step"]) == float(sb[k]["step"]) == 8
+
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(subject, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(subject, train={"iterations": 3}), tmp_path / "run", device="cpu")
+    trainer.run(max_steps=2)
+    path = trainer.ckpt_path
+    before = io_utils.load_checkpoint(path)
+    trainer.step()
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")  # half a file, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.setattr(torch, "save", real_save)
+    after = io_utils.load_checkpoint(path)
+    assert after["iteration"] == before["iteration"] == 2
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp file left behind
+    # a truncated file under the real name is reported clearly
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="bad.pt cannot be read"):
+        io_utils.load_checkpoint(bad)
+
+
+def test_ctrl_c_saves_and_returns(subject, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(subject, train={"iterations": 20}), tmp_path / "run", device="cpu")
+    real_step = trainer.step
+
+    def step_then_interrupt():
+        if trainer.iteration == 4:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(trainer, "step", step_then_interrupt)
+    result = trainer.run()
+    assert result.interrupted and result.iteration == 4
+    assert io_utils.load_checkpoint(trainer.ckpt_path)["iteration"] == 4
+    again = Trainer(tiny_config(subject, train={"iterations": 20}), tmp_path / "run", device="cpu")
+    assert again.iteration == 4
+
+
+def test_emd_and_w2_terms_are_finite_and_reported(subject, tmp_path):
+    cfg = tiny_config(subject, loss={"w2_weight": 0.05, "w2_from": 0, "emd_weight": 0.01, "emd_points": 32,
+                                     "perceptual_from": 0})
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    terms = trainer.step()
+    assert {"image", "mouth", "perceptual", "w2", "emd", "total"} <= set(terms)
+    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+    assert terms["w2"] >= 0 and terms["emd"] >= 0
+
+
+def test_bad_data_paths_are_named(tmp_path, subject):
+    with pytest.raises(FileNotFoundError, match="subject folder not found"):
+        Trainer(tiny_config(tmp_path / "nowhere"), tmp_path / "run", device="cpu")
+    cfg = tiny_config(subject)
+    cfg.data.tracker_root = str(tmp_path / "no_tracker")
+    with pytest.raises(FileNotFoundError, match="no_tracker"):
+        Trainer(cfg, tmp_path / "run", device="cpu")
+    # a missing image is reported by name
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(subject, broken)
+    os.remove(broken / "synthetic" / "imgs" / "00003.jpg")
+    with pytest.raises(FileNotFoundError, match="00003.jpg"):
+        Trainer(tiny_config(broken), tmp_path / "run", device="cpu")
