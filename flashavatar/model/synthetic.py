@@ -880,7 +880,13 @@ def tracker_frame_dict(codes: dict, k: int, viewmat: np.ndarray, K: np.ndarray, 
     }
 
 
-_JOB = None  # what the forked render workers need (set by make_subject)
+_JOB = None  # what the render workers need (set by make_subject / the pool initialiser)
+
+
+def _init_worker(job):
+    global _JOB
+    _JOB = job
+    torch.set_num_threads(1)
 
 
 def _render_and_write(frames: list[int]) -> int:
@@ -907,8 +913,8 @@ def make_subject(root, subject_id: str = "synthetic", *, n_frames: int = 240, si
 
     ``size``: int (square) or ``(height, width)``. The default (240 frames, 256², supersample 2) takes well
     under a minute on 2 cores; the head model goes to ``model_dir`` (default ``<root>/flame``) and is
-    reused when it is already there. ``workers``: render processes (default: CPU count, at most 8; forked,
-    so only where ``fork`` exists, else one).
+    reused when it is already there. ``workers``: render processes (default: the CPU count, at most 8 and one
+    per 16 frames; spawned, so a script calling this needs the usual ``if __name__ == "__main__":`` guard).
     """
     import imageio.v3 as iio
     import torch
@@ -945,21 +951,26 @@ def make_subject(root, subject_id: str = "synthetic", *, n_frames: int = 240, si
         frame = tracker_frame_dict(codes, k, viewmats[k], K, height, width)
         _atomic_save(ckpt / f"{k:05d}.frame", lambda p, fr=frame: torch.save(fr, p))
 
-    global _JOB
-    _JOB = (head, tex, verts, viewmats, K, height, width, supersample, subj)
-    workers = max(1, min(int(workers if workers is not None else (os.cpu_count() or 1)), 8, n_frames))
+    # the renderer needs only the topology and UVs, not the blendshapes
+    light = HeadModel(head.v_template, head.faces, head.uvs, head.face_uvs, np.zeros((0, 3, 0)), np.zeros((0, 3, 0)),
+                      np.zeros((5, 0)), np.zeros((0, 5)), np.zeros((2, 0, 3)), head.lip_ring, head.neck_ring,
+                      head.eye_vertices, head.n_head_vertices)
+    job = (light, tex, verts, viewmats, K, height, width, supersample, subj)
+    workers = max(1, min(int(workers if workers is not None else (os.cpu_count() or 1)), 8, n_frames // 16 or 1))
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=n_frames, desc=f"synth {subject_id}", unit="frame")
+    global _JOB
     try:
-        if workers > 1 and "fork" in __import__("multiprocessing").get_all_start_methods():
+        if workers > 1:  # spawned (not forked: this process has torch threads), each gets the job once
             import multiprocessing as mp
-            with mp.get_context("fork").Pool(workers) as pool:
+            with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
                 for done in pool.imap_unordered(_render_and_write, [[k] for k in range(n_frames)], chunksize=4):
                     if bar is not None:
                         bar.update(done)
         else:
+            _JOB = job
             for k in range(n_frames):
                 _render_and_write([k])
                 if bar is not None:
