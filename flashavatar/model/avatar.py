@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -324,7 +323,8 @@ class GaussianAvatar(nn.Module):
         B = vertices.shape[0]
         cond = c.condition().to(self.canonical_means.dtype)
         if cond.shape != (B, self.cond_dim):
-            raise ValueError(f"GaussianAvatar: condition has shape {tuple(cond.shape)}, expected [{B}, {self.cond_dim}]")
+            raise ValueError(f"GaussianAvatar: condition has shape {tuple(cond.shape)}, "
+                             f"expected [{B}, {self.cond_dim}]")
         tri = vertices[:, self.gaussian_faces]  # [B, N, 3 corners, 3]
         surface = (tri * self.barycentrics[None, :, :, None]).sum(2)  # [B, N, 3]
 

@@ -328,7 +328,8 @@ class FLAME(nn.Module):
 
         parents = kintree[0].copy()
         parents[0] = -1  # stored as 2**32 - 1
-        _check(all(0 <= parents[j] < j for j in range(1, 5)), model_path, f"kintree_table parents {parents} not a chain")
+        _check(all(0 <= parents[j] < j for j in range(1, 5)), model_path,
+               f"kintree_table parents {parents} not a chain")
         self.parents = [int(p) for p in parents]
         self.n_shape, self.n_expr, self.n_vertices = n_shape, n_expr, V
 
@@ -357,7 +358,8 @@ class FLAME(nn.Module):
             else:
                 raise FileNotFoundError(f"eyelid blendshapes not found: {eyelids_path}")
         self.has_eyelids = eyelids is not None
-        self.register_buffer("eyelid_dirs", f32(eyelids if eyelids is not None else np.zeros((2, V, 3))), persistent=False)
+        lid_dirs = eyelids if eyelids is not None else np.zeros((2, V, 3))
+        self.register_buffer("eyelid_dirs", f32(lid_dirs), persistent=False)  # [2 (left, right), V, 3]
         self._warned_eyelids = False
 
         # mouth-closing faces
@@ -376,7 +378,8 @@ class FLAME(nn.Module):
                 log.warning("%s: no mouth ring among the mesh boundary loops; no mouth faces", model_path)
         self.n_mesh_faces = len(faces)
         self.register_buffer("mouth_faces", torch.as_tensor(mouth, dtype=torch.long), persistent=False)
-        self.register_buffer("faces", torch.as_tensor(np.concatenate((faces, mouth)), dtype=torch.long), persistent=False)
+        all_faces = torch.as_tensor(np.concatenate((faces, mouth)), dtype=torch.long)
+        self.register_buffer("faces", all_faces, persistent=False)  # [F + M, 3]
 
         # neck boundary
         if neck_boundary_path is None and (model_path.parent / "neck_boundary.npy").is_file():

@@ -393,7 +393,8 @@ def build_head(seed: int = 0) -> HeadModel:
         eyelids[lid] = w[:, None] * (target - P)
     shapedirs[:, :, 303] = eyelids[1]
     shapedirs[:, :, 304] = eyelids[0]
-    cheek = front * (_gauss(P, (0.04, -0.02, 0.1), (0.016, 0.014, 1.0)) + _gauss(P, (-0.04, -0.02, 0.1), (0.016, 0.014, 1.0)))
+    cheek = front * (_gauss(P, (0.04, -0.02, 0.1), (0.016, 0.014, 1.0))
+                     + _gauss(P, (-0.04, -0.02, 0.1), (0.016, 0.014, 1.0)))
     shapedirs[:, 1, 305] = 0.004 * cheek
     shapedirs[:, 2, 305] = 0.002 * cheek
     for k in range(306, 400):
@@ -519,7 +520,8 @@ def _albedo(P, is_eye, eye_centre, seed=0):
     az = np.arctan2(x, z)
     n1, n2 = _value_noise(P, seed, freq=(30, 80)), _value_noise(P, seed + 1, freq=(150, 400))
     col = np.array([0.86, 0.64, 0.53]) * (1 + 0.035 * n1[:, None] + 0.02 * n2[:, None])
-    cheeks = _gauss(P, (0.042, -0.02, 0.08), (0.014, 0.012, 0.05)) + _gauss(P, (-0.042, -0.02, 0.08), (0.014, 0.012, 0.05))
+    cheeks = (_gauss(P, (0.042, -0.02, 0.08), (0.014, 0.012, 0.05))
+              + _gauss(P, (-0.042, -0.02, 0.08), (0.014, 0.012, 0.05)))
     col += cheeks[:, None] * np.array([0.06, -0.04, -0.03])
     col *= (1 - 0.06 * _smoothstep(-0.08, -0.14, y))[:, None]  # neck a little darker
     # lips
