@@ -47,6 +47,10 @@ def test_blendshapes_do_what_they_say(model_path):
     flame = FLAME(model_path).double()
     head = build_head()
     assert flame.mouth_faces.shape == (30, 3)  # the lip ring closed like FLAME's 32-vertex ring
+    f = flame.faces.numpy()
+    edges = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    assert len({tuple(e) for e in edges}) == len(edges)  # mouth faces oriented like the surface around them
+    assert len(boundary_loops(f)) == 1  # only the neck stays open
 
     def pose(**kw):
         c = FlameCodes.neutral(1, dtype=torch.float64)
