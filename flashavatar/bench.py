@@ -138,6 +138,9 @@ def format_table(rows: list[dict[str, Any]], label: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", metavar="DIR", default=None,
                         help="trained run folder (default: an untrained avatar on the procedural head)")
+    parser.add_argument("--head-model", metavar="PKL", default=None,
+                        help="head model of the untrained avatar (default: the procedural head, written to "
+                             "~/.cache/flashavatar/head_model when absent); its template OBJ must be beside it")
     parser.add_argument("--resolution", type=int, default=None, help="square image size in pixels (default 512 on a "
                                                                       "GPU, 128 on a CPU)")
     parser.add_argument("--uv-size", type=int, default=None, help="UV grid of the untrained avatar (default 128 on a "
@@ -175,7 +178,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             from .model import FLAME, FlameCodes, GaussianAvatar
 
-            pkl = default_head_model()
+            pkl = Path(args.head_model) if args.head_model else default_head_model()
+            if not pkl.is_file():
+                raise FileNotFoundError(f"--head-model: file not found: {pkl}")
             flame = FLAME(pkl)
             avatar = GaussianAvatar(flame, pkl.parent / "head_template.obj", uv_size=args.uv_size or (128 if gpu else 32))
             avatar.active_sh_degree = avatar.max_sh_degree
