@@ -163,8 +163,7 @@ def test_inspect_a_trained_run_uses_its_avatar(subject, tmp_path):
 
     from flashavatar import config as config_mod
     from flashavatar.io_utils import save_checkpoint
-
-    AvatarSession = pytest.importorskip("flashavatar.session").AvatarSession  # lands with the trainer
+    from flashavatar.session import AvatarSession
 
     root, head_model, _ = subject
     cfg = config_mod.from_dict({"data": {"data_root": str(root / "data"), "tracker_root": str(root / "tracker"),
