@@ -108,11 +108,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"lr_final_factor": 0.1},
     },
     "cpu": {
-        "train": {"iterations": 600, "batch_size": 2, "sh_increase_every": 150, "preview_every": 200,
-                  "checkpoint_every": 200, "log_every": 20, "eval_frames": 4},
-        "model": {"uv_size": 48, "sh_degree": 2, "mlp_hidden": 128, "mlp_layers": 4},
-        "data": {"n_test": 20, "image_scale": 0.5},
-        "loss": {"perceptual_from": 400, "w2_from": 200},
+        "train": {"iterations": 1500, "batch_size": 2, "sh_increase_every": 300, "preview_every": 500,
+                  "checkpoint_every": 500, "log_every": 50, "eval_frames": 4},
+        "model": {"uv_size": 64, "sh_degree": 2, "mlp_hidden": 128, "mlp_layers": 4},
+        "data": {"n_test": 20, "image_scale": 1.0},
+        "loss": {"perceptual_from": 1000, "w2_from": 500},
         "optim": {"lr_final_factor": 0.3},
     },
 }
