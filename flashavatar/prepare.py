@@ -202,6 +202,9 @@ def prepare_frames(video: str | os.PathLike, subject: str | os.PathLike, *, size
                 "max_frames": max_frames}
     manifest_path = subject / MANIFEST
     previous = _read_manifest(manifest_path)
+    if previous is None and not overwrite and any((subject / "imgs").glob("[0-9]*.jpg")):
+        raise PrepareError(f"{subject / 'imgs'} already holds frames that prepare did not make (no {MANIFEST}); "
+                           "pass --overwrite to replace them, or use another --id")
 
     crop = _choose_box(video, info, settings, previous, box=box, tracker_bbox=tracker_bbox, centre=centre,
                        box_scale=box_scale, box_frames=box_frames, overwrite=overwrite)

@@ -110,6 +110,10 @@ def test_resume_writes_nothing_new_and_fills_holes(video, tmp_path):
         P.prepare_frames(path, tmp_path / "s", size=48, box="0,0,96,96", progress=False)
     redo = P.prepare_frames(path, tmp_path / "s", size=48, box="0,0,96,96", overwrite=True, progress=False)
     assert redo["written"] == N_FRAMES and read(imgs / "00001.jpg").shape == (48, 48, 3)
+    # frames from elsewhere (no manifest) are not mixed with new ones
+    (tmp_path / "s" / "prepare.json").unlink()
+    with pytest.raises(P.PrepareError, match="did not make"):
+        P.prepare_frames(path, tmp_path / "s", size=48, box="0,0,96,96", progress=False)
 
 
 def test_alpha_video_is_cropped_like_the_frames(video, tmp_path, capsys):
