@@ -188,13 +188,16 @@ def validate_subject(data_root, tracker_root, subject: str, *, offset: int = 1, 
             if frame is not None:
                 sizes[t + offset] = (frame.height, frame.width)
         n_frames = len(tracker)
-        if expected_size is None and sizes:
-            values, counts = np.unique(np.array(list(sizes.values())), axis=0, return_counts=True)
-            expected_size = tuple(int(v) for v in values[np.argmax(counts)])
+        if sizes:
+            reference = "the size given" if expected_size is not None else "the other tracker files'"
+            if expected_size is None:  # the size most tracker files agree on
+                values, counts = np.unique(np.array(list(sizes.values())), axis=0, return_counts=True)
+                expected_size = tuple(int(v) for v in values[np.argmax(counts)])
+            expected_size = tuple(expected_size)
             odd = [k for k in sorted(sizes) if sizes[k] != expected_size]
             for k in odd[:MAX_LISTED]:
-                report.error(tracker[k - offset][0], f"img_size {list(sizes[k])} differs from the other tracker "
-                                                     f"files' {list(expected_size)} (all frames must share one size)")
+                report.error(tracker[k - offset][0], f"img_size {list(sizes[k])} differs from {reference} "
+                                                     f"{list(expected_size)} (all frames must share one size)")
             if len(odd) > MAX_LISTED:
                 report.error(tracker[odd[0] - offset][0].parent, f"{len(odd) - MAX_LISTED} more tracker files "
                                                                  "with another img_size")

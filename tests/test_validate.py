@@ -92,6 +92,12 @@ def test_wrong_size_image_is_named(tmp_path):
     # without tracker files the majority size... the first frame's size is the reference
     report = VAL.validate_subject(tmp_path / "data", None, "s", test_frames=2)
     assert errors_about(report, "imgs/00004.jpg"), report.format()
+    # an explicit expected size: every tracker file and frame that disagrees is named
+    report = check(tmp_path, expected_size=(30, 40))
+    named = [f for f in report.errors if f.path.endswith(".frame")]
+    assert len(named) == VAL.MAX_LISTED and "differs from the size given [30, 40]" in named[0].message
+    assert any(f"{N - VAL.MAX_LISTED} more tracker files" in f.message for f in report.errors)
+    assert errors_about(report, "imgs/00004.jpg") and not errors_about(report, "imgs/00001.jpg")  # vs its tracker file
     # a mask whose size differs from its frame is named too
     M.write_png(tmp_path / "data" / "s" / "parsing" / "00002_mouth.png", np.zeros((16, 16), np.uint8))
     assert errors_about(check(tmp_path), "00002_mouth.png")
