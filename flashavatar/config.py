@@ -84,6 +84,7 @@ class TrainConfig:
     eval_frames: int = 8  # test frames used for that evaluation
     progress: bool = True
     tensorboard: bool = True  # when the tensorboard package is importable
+    max_minutes: float = 0.0  # stop (as if finished) after this much training time; 0 = no limit
 
 
 @dataclass

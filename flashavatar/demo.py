@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     print("\n== flashavatar demo: done in %.1f s ==" % total)
     print(f"test PSNR {m['psnr_full']:.2f} dB (head {m['psnr_head']:.2f}), SSIM {m['ssim_full']:.4f} "
           f"(head {m['ssim_head']:.4f}); {fps:.1f} FPS ({device_label(device)})")
-    print(f"video (ground truth | render): {eval_dir / 'test_side_by_side.mp4'}")
+    if (eval_dir / "test_side_by_side.mp4").is_file():
+        print(f"video (ground truth | render): {eval_dir / 'test_side_by_side.mp4'}")
     print(f"frames: {eval_dir / 'frames'}")
     print(f"metrics: {eval_dir / 'metrics.json'}")
     print(f"PLY ({n} Gaussians): {ply_path}")

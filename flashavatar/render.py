@@ -121,6 +121,14 @@ def robustness(session: AvatarSession, frames: FrameSet, stds: list[float], clea
     return rows
 
 
+def video_available() -> bool:
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def format_metrics(m: dict[str, float]) -> str:
     parts = [f"PSNR {m['psnr_full']:.2f} dB (head {m['psnr_head']:.2f})",
              f"SSIM {m['ssim_full']:.4f} (head {m['ssim_head']:.4f})"]
@@ -186,6 +194,9 @@ def render_and_report(session: AvatarSession, out: Path, *, max_frames: int | No
         lpips_net = metrics.LPIPS(lpips_weights).to(session.device)
     out.mkdir(parents=True, exist_ok=True)
     video_path = out / "test_side_by_side.mp4" if write_video else None
+    if video_path is not None and not video_available():
+        print("video: skipped (the imageio-ffmpeg package is not installed: pip install imageio-ffmpeg)")
+        video_path = None
     t0 = time.perf_counter()
     result = evaluate(session, frames, out_dir=out, write_frames=write_frames, video_path=video_path,
                       batch_size=batch_size, lpips_net=lpips_net, fps=fps, progress=progress)

@@ -8,6 +8,7 @@ rasteriser when it is built for the device).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,13 +64,13 @@ class FrameSet:
     def width(self) -> int:
         return int(self.gt.shape[2])
 
-    @property
+    @functools.cached_property
     def pair_prev(self) -> torch.Tensor:
-        """Indices t-1 of temporally adjacent pairs (consecutive frame ids)."""
+        """Indices t-1 of temporally adjacent pairs (consecutive frame ids), on the CPU."""
         ok = (self.frame_ids[1:] - self.frame_ids[:-1]) == 1
         return torch.nonzero(ok).flatten()
 
-    @property
+    @functools.cached_property
     def pair_next(self) -> torch.Tensor:
         return self.pair_prev + 1
 

@@ -141,8 +141,9 @@ class Trainer:
             return torch.cat([prev, nxt]), pairs
         return torch.randint(0, len(data), (bs,), generator=self.sampler), 0
 
-    def step(self) -> dict[str, float]:
-        """One optimisation step; returns the loss terms (floats) of this step."""
+    def step(self) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns the loss terms of this step (detached 0-d tensors: reading them as
+        floats synchronises with the GPU, so the loop does that only when it logs)."""
         cfg, it = self.cfg, self.iteration
         factor = self._lr_factor(it)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
@@ -168,16 +169,22 @@ class Trainer:
         if "surface" in out:
             terms["emd"] = lc.emd_weight * self._emd_term(out["means"], out["surface"])
         total = sum(terms.values())
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"train: non-finite loss at iteration {it}: "
-                                     + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         self.iteration += 1
-        result = {k: float(v.detach()) for k, v in terms.items()}
-        result["total"] = float(total.detach())
+        result = {k: v.detach() for k, v in terms.items()}
+        result["total"] = total.detach()
         return result
+
+    @staticmethod
+    def floats(terms: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:
+        """Loss terms as floats; a non-finite loss stops training with the terms named."""
+        out = {k: float(v) for k, v in terms.items()}
+        if not all(math.isfinite(v) for v in out.values()):
+            raise FloatingPointError(f"train: non-finite loss at iteration {iteration}: "
+                                     + ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
+        return out
 
     def _emd_term(self, means: torch.Tensor, surface: torch.Tensor) -> torch.Tensor:
         """EMD between a random subset of offset centres and the surface points of the same Gaussians."""
@@ -229,16 +236,23 @@ class Trainer:
             bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="train", unit="it", dynamic_ncols=True)
         t0 = time.perf_counter()
         interrupted = False
+        timed_out = False
         smooth = None
         try:
             while self.iteration < end:
+                if cfg.max_minutes and time.perf_counter() - t0 > 60.0 * cfg.max_minutes:
+                    timed_out = True
+                    log.info("train.max_minutes=%g reached at iteration %d", cfg.max_minutes, self.iteration)
+                    break
                 terms = self.step()
                 it = self.iteration
-                smooth = terms["total"] if smooth is None else 0.9 * smooth + 0.1 * terms["total"]
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{smooth:.4f}", sh=self.active_sh_degree(it))
                 if it % cfg.log_every == 0 or it == end:
+                    terms = self.floats(terms, it)
+                    smooth = terms["total"] if smooth is None else 0.7 * smooth + 0.3 * terms["total"]
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{smooth:.4f}", sh=self.active_sh_degree(it))
                     self.history.append({"iteration": it, **terms})
                     if writer is not None:
                         for k, v in terms.items():
@@ -260,7 +274,7 @@ class Trainer:
                 bar.close()
         seconds = time.perf_counter() - t0
         test_end = None
-        if not interrupted and self.iteration >= cfg.iterations:
+        if not interrupted and (self.iteration >= cfg.iterations or timed_out):
             test_end = self.test_loss()
             self.history.append({"iteration": self.iteration, "test_loss": test_end})
             if cfg.preview_every:
