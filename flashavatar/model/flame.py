@@ -47,7 +47,10 @@ class _ChumpyStandIn:
         self.state = state
 
     def to_array(self, key: str) -> np.ndarray:
-        state = self.state if isinstance(self.state, dict) else {}
+        state = self.state
+        if isinstance(state, tuple):  # (dict, slots) form
+            state = next((s for s in state if isinstance(s, dict) and "x" in s), {})
+        state = state if isinstance(state, dict) else {}
         if "x" not in state:
             raise ValueError(f"chumpy object for '{key}' has no value array 'x' (state keys: {sorted(state)})")
         return np.asarray(state["x"])
