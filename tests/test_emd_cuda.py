@@ -93,21 +93,32 @@ def test_emd_cuda_global_memory_path_matches_cpu():
     torch.testing.assert_close(gpu.cost.cpu(), cpu.cost, rtol=2e-5, atol=0)
 
 
-def test_emd_cuda_gradients_max_iter_and_transport_fallback():
-    gen = torch.Generator().manual_seed(6)
-    x = torch.rand(2, 64, 3, generator=gen, dtype=torch.float64)
-    y = torch.rand(2, 64, 3, generator=gen, dtype=torch.float64)
+def _pair(seed=6):
+    gen = torch.Generator().manual_seed(seed)
+    return gen, torch.rand(2, 64, 3, generator=gen, dtype=torch.float64), torch.rand(2, 64, 3, generator=gen, dtype=torch.float64)
+
+
+def test_emd_cuda_gradients_match_cpu():
+    gen, x, y = _pair()
     grads = []
     for dev in ("cpu", "cuda"):
-        xr, yr = x.to(dev).requires_grad_(), y.to(dev).requires_grad_()
+        xr, yr = x.detach().clone().to(dev).requires_grad_(), y.detach().clone().to(dev).requires_grad_()
         ops.emd(xr, yr, tol=1e-10).sum().backward()
         grads.append((xr.grad.cpu(), yr.grad.cpu()))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-12)
+
+
+def test_emd_cuda_max_iter():
+    gen, x, y = _pair()
     with pytest.warns(RuntimeWarning):
         res = ops.emd(x.cuda(), y.cuda(), max_iter=2, return_assignment=True)
     assert not res.converged.any() and (res.iterations == 2).all()
     assert torch.equal(res.assignment[0].cpu().sort().values, torch.arange(64))
+
+
+def test_emd_cuda_transport_fallback_and_opcheck():
+    gen, x, y = _pair()
     # N != M with weights: solved on a host copy, results on the GPU
     a = torch.rand(2, 64, generator=gen, dtype=torch.float64) + 0.1
     b = torch.rand(2, 40, generator=gen, dtype=torch.float64) + 0.1
@@ -118,4 +129,5 @@ def test_emd_cuda_gradients_max_iter_and_transport_fallback():
     torch.testing.assert_close(cost.cpu(), ops.emd(x, y[:, :40], a, b), rtol=1e-12, atol=0)
     cost.sum().backward()
     assert xr.grad.device.type == "cuda" and torch.isfinite(xr.grad).all()
-    torch.library.opcheck(torch.ops.flashavatar.emd_forward.default, (x[:, :8].cuda(), y[:, :8].cuda(), None, None, 2, 1e-9, 100000))
+    torch.library.opcheck(torch.ops.flashavatar.emd_forward.default,
+                          (x[:, :8].contiguous().cuda(), y[:, :8].contiguous().cuda(), None, None, 2, 1e-9, 100000))

@@ -8,8 +8,8 @@
 // objects for (best, second best) and reduces with shuffles; bids go to objects with a 64-bit atomicMax on the
 // bit pattern of the (positive) double bid, ties to the smaller person with atomicMin; the winners take the
 // objects and the evicted persons form the next round's list. A round with a single bidder (most rounds at the
-// end of a phase: chains of evictions) skips the auction bookkeeping. Prices, bids and owners live in shared
-// memory when they fit (N up to ~9k on Hopper).
+// end of a phase: chains of evictions) skips the auction bookkeeping. Prices, bids, owners and the bidder lists
+// live in shared memory when they fit (see the tiers in auction_kernel).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -110,35 +110,57 @@ template <int DIM, typename scalar_t>
 __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restrict__ x_all /* [B, n, d] */,
                                                          const scalar_t* __restrict__ y_all /* [B, n, d] */, int n,
                                                          int d, int p, double tol, long long max_iter,
-                                                         bool objects_in_shared, AuctionWork w) {
+                                                         int smem_tier, AuctionWork w) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const long item = blockIdx.x, off = item * n;
   const scalar_t* x = x_all + off * d;
   const scalar_t* y = y_all + off * d;
   int* sigma = w.sigma + off;
-  int* cur = w.list0 + off;
-  int* nxt = w.list1 + off;
-  int* bid_obj = w.bid_obj + off;
-  double* bid_val = w.bid_val + off;
   double* row_min = w.row_min + off;
   double* slack = w.slack + off;
-  // Per-object state, read or updated every round: in shared memory when it fits (24 bytes per object, up to
-  // ~9k objects on Hopper), where the bid atomics are cheap; in global memory otherwise.
+  // State touched every round lives in shared memory when it fits: a round is a chain of dependent accesses
+  // (list -> bid -> owner -> list), so global-memory latency, not arithmetic, sets its time.
+  //   tier 2: everything (44 bytes per object, N up to ~5k on Hopper); tier 1: per-object state only (24 bytes,
+  //   N up to ~9.6k); tier 0: all in global memory.
   extern __shared__ __align__(16) unsigned char s_dyn[];
   double* price;                  // [n]
-  unsigned long long* best_bits;  // [n]
-  int* winner;                    // [n]
-  int* owner;                     // [n]
-  if (objects_in_shared) {
+  unsigned long long* best_bits;  // [n] highest bid of the round per object (bits of a positive double)
+  int* winner;                    // [n] smallest person index among the highest bids
+  int* owner;                     // [n] object -> person (-1 free)
+  double* bid_val;                // [n] per bidder slot
+  int* bid_obj;                   // [n] per bidder slot
+  int* cur;                       // [n] unassigned persons (double-buffered with nxt)
+  int* nxt;                       // [n]
+  if (smem_tier >= 1) {
     price = reinterpret_cast<double*>(s_dyn);
     best_bits = reinterpret_cast<unsigned long long*>(price + n);
-    winner = reinterpret_cast<int*>(best_bits + n);
+    double* after = reinterpret_cast<double*>(best_bits + n);
+    if (smem_tier >= 2) {
+      bid_val = after;
+      after += n;
+    } else {
+      bid_val = w.bid_val + off;
+    }
+    winner = reinterpret_cast<int*>(after);
     owner = winner + n;
+    if (smem_tier >= 2) {
+      bid_obj = owner + n;
+      cur = bid_obj + n;
+      nxt = cur + n;
+    } else {
+      bid_obj = w.bid_obj + off;
+      cur = w.list0 + off;
+      nxt = w.list1 + off;
+    }
   } else {
     price = w.price + off;
     best_bits = w.best_bits + off;
     winner = w.winner + off;
     owner = w.owner + off;
+    bid_val = w.bid_val + off;
+    bid_obj = w.bid_obj + off;
+    cur = w.list0 + off;
+    nxt = w.list1 + off;
   }
 
   __shared__ BestTwo s_part[kWarps];
@@ -296,7 +318,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
     }
     __syncthreads();
   }
-  if (objects_in_shared)
+  if (smem_tier >= 1)
     for (int j = tid; j < n; j += kBlock) w.price[off + j] = price[j];
   if (tid == 0) {
     w.primal[item] = primal;
@@ -312,15 +334,17 @@ void launch_auction_dim(const scalar_t* xp, const scalar_t* yp, int nb, int n, i
   int device = 0, max_optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t per_object = sizeof(double) + sizeof(unsigned long long) + 2 * sizeof(int);
-  const size_t dyn = per_object * static_cast<size_t>(n);
-  const size_t static_bytes = 2048;  // s_part, s_red, counters (upper bound)
-  const bool in_shared = dyn + static_bytes <= static_cast<size_t>(max_optin);
+  const size_t tier1 = 2 * sizeof(double) + 2 * sizeof(int);  // price, best_bits, winner, owner
+  const size_t tier2 = tier1 + sizeof(double) + 3 * sizeof(int);  // + bid_val, bid_obj, two lists
+  const size_t static_bytes = 2048;                               // s_part, s_red, counters (upper bound)
+  const size_t avail = max_optin > static_cast<int>(static_bytes) ? max_optin - static_bytes : 0;
+  const size_t nn = static_cast<size_t>(n);
+  const int tier = tier2 * nn <= avail ? 2 : (tier1 * nn <= avail ? 1 : 0);
+  const size_t bytes = tier == 2 ? tier2 * nn : (tier == 1 ? tier1 * nn : 0);
   auto kernel = auction_kernel<DIM, scalar_t>;
-  const size_t bytes = in_shared ? dyn : 0;
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  kernel<<<nb, kBlock, bytes, stream>>>(xp, yp, n, d, p, tol, max_iter, in_shared, w);
+  // Opt in to more than the default 48 KiB of dynamic shared memory (static bytes count against it too).
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  kernel<<<nb, kBlock, bytes, stream>>>(xp, yp, n, d, p, tol, max_iter, tier, w);
   FA_CUDA_CHECK_LAUNCH();
 }
 
