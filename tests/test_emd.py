@@ -294,3 +294,15 @@ def test_bad_input_errors():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="y is on cuda"):
             ops.emd(x, x.cuda())
+
+
+def test_all_points_equal_and_unvalidated_nan_terminate():
+    x = torch.zeros(1, 20, 3, dtype=torch.float64)
+    res = ops.emd(x, x.clone(), return_assignment=True)
+    assert res.cost.item() == 0.0 and res.converged.all()
+    assert torch.equal(res.assignment[0].sort().values, torch.arange(20))
+    # NaN with validate=False: no crash, no endless loop; reported as not converged
+    bad = torch.rand(1, 20, 3, dtype=torch.float64)
+    bad[0, 3, 1] = float("nan")
+    res = ops.emd(bad, torch.rand(1, 20, 3, dtype=torch.float64), validate=False, max_iter=10_000, return_info=True)
+    assert not res.converged.any()

@@ -22,7 +22,8 @@
 namespace flashavatar {
 namespace ot {
 
-constexpr double kEpsFactor = 5.0;  // eps reduction per phase
+constexpr double kEpsFactor = 5.0;  // eps reduction per phase (Bertsekas suggests 4-10; 4-7 measured alike)
+constexpr double kInitDiv = 0.25;   // initial eps as a fraction of the cost bound
 constexpr double kInf = 1e300;
 constexpr int kNoIndex = 0x7fffffff;
 
@@ -74,8 +75,16 @@ FA_HD double cost_bound(double max_dist_x, double max_dist_y, int p) {
   return p == 1 ? r : r * r;
 }
 
-// Initial eps: a quarter of the cost bound (prices start at 0).
-FA_HD double initial_eps(double cmax) { return 0.25 * cmax; }
+// Initial eps: a fraction of the cost bound (prices start at 0). Never 0: with all costs 0 (every point equal)
+// a zero increment would let bidders evict each other forever.
+FA_HD double initial_eps(double cmax) { return cmax > 0.0 ? kInitDiv * cmax : 1.0; }
+
+// Phases are few (about log_5 of cost bound / (tol * mean cost)); the cap only stops non-finite inputs given
+// with validate=False from looping.
+constexpr int kMaxPhases = 200;
+
+// The object a scan picked; 0 when every value was NaN (non-finite input), so indices stay in range.
+FA_HD int bid_target(const BestTwo& bt) { return bt.j1 == kNoIndex ? 0 : bt.j1; }
 
 // Smallest useful eps: below it, price + eps rounds back to the price in double.
 FA_HD double eps_floor(double cmax) { return 1e-13 * cmax; }

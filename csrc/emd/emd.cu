@@ -7,7 +7,9 @@
 // warps per person when few are left, so the tail of a phase still uses the whole block); each warp scans all
 // objects for (best, second best) and reduces with shuffles; bids go to objects with a 64-bit atomicMax on the
 // bit pattern of the (positive) double bid, ties to the smaller person with atomicMin; the winners take the
-// objects and the evicted persons form the next round's list.
+// objects and the evicted persons form the next round's list. A round with a single bidder (most rounds at the
+// end of a phase: chains of evictions) skips the auction bookkeeping. Prices, bids, owners and the bidder lists
+// live in shared memory when they fit (see the tiers in auction_kernel).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -108,22 +110,58 @@ template <int DIM, typename scalar_t>
 __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restrict__ x_all /* [B, n, d] */,
                                                          const scalar_t* __restrict__ y_all /* [B, n, d] */, int n,
                                                          int d, int p, double tol, long long max_iter,
-                                                         AuctionWork w) {
+                                                         int smem_tier, AuctionWork w) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const long item = blockIdx.x, off = item * n;
   const scalar_t* x = x_all + off * d;
   const scalar_t* y = y_all + off * d;
-  double* price = w.price + off;
   int* sigma = w.sigma + off;
-  int* owner = w.owner + off;
-  unsigned long long* best_bits = w.best_bits + off;
-  int* winner = w.winner + off;
-  int* cur = w.list0 + off;
-  int* nxt = w.list1 + off;
-  int* bid_obj = w.bid_obj + off;
-  double* bid_val = w.bid_val + off;
   double* row_min = w.row_min + off;
   double* slack = w.slack + off;
+  // State touched every round lives in shared memory when it fits: a round is a chain of dependent accesses
+  // (list -> bid -> owner -> list), so global-memory latency, not arithmetic, sets its time.
+  //   tier 2: everything (44 bytes per object, N up to ~5k on Hopper); tier 1: per-object state only (24 bytes,
+  //   N up to ~9.6k); tier 0: all in global memory.
+  extern __shared__ __align__(16) unsigned char s_dyn[];
+  double* price;                  // [n]
+  unsigned long long* best_bits;  // [n] highest bid of the round per object (bits of a positive double)
+  int* winner;                    // [n] smallest person index among the highest bids
+  int* owner;                     // [n] object -> person (-1 free)
+  double* bid_val;                // [n] per bidder slot
+  int* bid_obj;                   // [n] per bidder slot
+  int* cur;                       // [n] unassigned persons (double-buffered with nxt)
+  int* nxt;                       // [n]
+  if (smem_tier >= 1) {
+    price = reinterpret_cast<double*>(s_dyn);
+    best_bits = reinterpret_cast<unsigned long long*>(price + n);
+    double* after = reinterpret_cast<double*>(best_bits + n);
+    if (smem_tier >= 2) {
+      bid_val = after;
+      after += n;
+    } else {
+      bid_val = w.bid_val + off;
+    }
+    winner = reinterpret_cast<int*>(after);
+    owner = winner + n;
+    if (smem_tier >= 2) {
+      bid_obj = owner + n;
+      cur = bid_obj + n;
+      nxt = cur + n;
+    } else {
+      bid_obj = w.bid_obj + off;
+      cur = w.list0 + off;
+      nxt = w.list1 + off;
+    }
+  } else {
+    price = w.price + off;
+    best_bits = w.best_bits + off;
+    winner = w.winner + off;
+    owner = w.owner + off;
+    bid_val = w.bid_val + off;
+    bid_obj = w.bid_obj + off;
+    cur = w.list0 + off;
+    nxt = w.list1 + off;
+  }
 
   __shared__ BestTwo s_part[kWarps];
   __shared__ double s_red[kWarps];
@@ -151,14 +189,14 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
   long long rounds = 0;
   int status = kRunning;
   double primal = 0.0, gap = 0.0;
-  while (true) {
+  for (int phase = 0;; ++phase) {
     int count = s_count;
     // ---- rounds of the phase ----
     while (count > 0 && rounds < max_iter) {
       ++rounds;
       for (int base = 0; base < count; base += kWarps) {
         const int nb = min(kWarps, count - base);
-        const int wpb = kWarps / nb;  // warps per bidder
+        const int wpb = kWarps / nb;  // warps per bidder: the whole block scans for a lone bidder
         const int k_local = warp / wpb, sub = warp - k_local * wpb;
         if (k_local < nb) {
           Person<DIM, scalar_t> me;
@@ -169,45 +207,59 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
           if (lane == 0) s_part[warp] = bt;
         }
         __syncthreads();
-        if (tid < nb) {
-          BestTwo bt = s_part[tid * wpb];
-          for (int s = 1; s < wpb; ++s) best_two_merge(bt, s_part[tid * wpb + s]);
-          const int j = bt.j1;
-          const double val = bid_price(bt, price[j], eps);
-          bid_obj[base + tid] = j;
-          bid_val[base + tid] = val;
-          atomicMax(&best_bits[j], static_cast<unsigned long long>(__double_as_longlong(val)));
+        if (warp < nb) {  // warp k merges the partials of bidder k
+          BestTwo bt = lane < wpb ? s_part[warp * wpb + lane] : best_two_init();
+          if (wpb > 1) bt = warp_reduce_best_two(bt);
+          if (lane == 0) {
+            const int j = bid_target(bt), i = cur[base + warp];
+            const double val = bid_price(bt, price[j], eps);
+            if (count == 1) {  // a lone bidder wins outright: no auction bookkeeping needed
+              const int old = owner[j];
+              if (old >= 0) sigma[old] = -1, nxt[0] = old;
+              owner[j] = i;
+              sigma[i] = j;
+              price[j] = val;
+              s_count = old >= 0 ? 1 : 0;
+            } else {
+              bid_obj[base + warp] = j;
+              bid_val[base + warp] = val;
+              atomicMax(&best_bits[j], static_cast<unsigned long long>(__double_as_longlong(val)));
+            }
+          }
         }
         __syncthreads();
       }
-      for (int k = tid; k < count; k += kBlock) {
-        const int j = bid_obj[k];
-        if (static_cast<unsigned long long>(__double_as_longlong(bid_val[k])) == best_bits[j]) atomicMin(&winner[j], cur[k]);
-      }
-      __syncthreads();
-      for (int k = tid; k < count; k += kBlock) {
-        const int j = bid_obj[k], i = cur[k];
-        if (winner[j] == i) {
-          const int old = owner[j];
-          if (old >= 0) {
-            sigma[old] = -1;
-            nxt[atomicAdd(&s_next, 1)] = old;
-          }
-          owner[j] = i;
-          sigma[i] = j;
-          price[j] = bid_val[k];
-        } else {
-          nxt[atomicAdd(&s_next, 1)] = i;
+      if (count > 1) {
+        for (int k = tid; k < count; k += kBlock) {
+          const int j = bid_obj[k];
+          if (static_cast<unsigned long long>(__double_as_longlong(bid_val[k])) == best_bits[j])
+            atomicMin(&winner[j], cur[k]);
         }
+        __syncthreads();
+        for (int k = tid; k < count; k += kBlock) {
+          const int j = bid_obj[k], i = cur[k];
+          if (winner[j] == i) {
+            const int old = owner[j];
+            if (old >= 0) {
+              sigma[old] = -1;
+              nxt[atomicAdd(&s_next, 1)] = old;
+            }
+            owner[j] = i;
+            sigma[i] = j;
+            price[j] = bid_val[k];
+          } else {
+            nxt[atomicAdd(&s_next, 1)] = i;
+          }
+        }
+        __syncthreads();
+        for (int k = tid; k < count; k += kBlock) {
+          const int j = bid_obj[k];
+          best_bits[j] = 0ull;
+          winner[j] = kNoIndex;
+        }
+        if (tid == 0) s_count = s_next, s_next = 0;
+        __syncthreads();
       }
-      __syncthreads();
-      for (int k = tid; k < count; k += kBlock) {
-        const int j = bid_obj[k];
-        best_bits[j] = 0ull;
-        winner[j] = kNoIndex;
-      }
-      if (tid == 0) s_count = s_next, s_next = 0;
-      __syncthreads();
       count = s_count;
       int* t = cur;
       cur = nxt;
@@ -252,7 +304,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
     }
     if (status == kMaxIter) break;
     const double eps_new = next_eps(eps, primal, tol, n);
-    if (eps_new < eps_floor(cmax)) {
+    if (!(eps_new >= eps_floor(cmax)) || phase + 1 >= kMaxPhases) {
       status = kEpsUnderflow;
       break;
     }
@@ -266,12 +318,34 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
     }
     __syncthreads();
   }
+  if (smem_tier >= 1)
+    for (int j = tid; j < n; j += kBlock) w.price[off + j] = price[j];
   if (tid == 0) {
     w.primal[item] = primal;
     w.gap[item] = gap;
     w.status[item] = status;
     w.rounds[item] = rounds;
   }
+}
+
+template <int DIM, typename scalar_t>
+void launch_auction_dim(const scalar_t* xp, const scalar_t* yp, int nb, int n, int d, int p, double tol,
+                        long long max_iter, const AuctionWork& w, cudaStream_t stream) {
+  int device = 0, max_optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t tier1 = 2 * sizeof(double) + 2 * sizeof(int);  // price, best_bits, winner, owner
+  const size_t tier2 = tier1 + sizeof(double) + 3 * sizeof(int);  // + bid_val, bid_obj, two lists
+  const size_t static_bytes = 2048;                               // s_part, s_red, counters (upper bound)
+  const size_t avail = max_optin > static_cast<int>(static_bytes) ? max_optin - static_bytes : 0;
+  const size_t nn = static_cast<size_t>(n);
+  const int tier = tier2 * nn <= avail ? 2 : (tier1 * nn <= avail ? 1 : 0);
+  const size_t bytes = tier == 2 ? tier2 * nn : (tier == 1 ? tier1 * nn : 0);
+  auto kernel = auction_kernel<DIM, scalar_t>;
+  // Opt in to more than the default 48 KiB of dynamic shared memory (static bytes count against it too).
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  kernel<<<nb, kBlock, bytes, stream>>>(xp, yp, n, d, p, tol, max_iter, tier, w);
+  FA_CUDA_CHECK_LAUNCH();
 }
 
 template <typename scalar_t>
@@ -281,11 +355,10 @@ void launch_auction(const at::Tensor& x, const at::Tensor& y, int p, double tol,
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* yp = y.data_ptr<scalar_t>();
   switch (d) {
-    case 2: auction_kernel<2, scalar_t><<<nb, kBlock, 0, stream>>>(xp, yp, n, d, p, tol, max_iter, w); break;
-    case 3: auction_kernel<3, scalar_t><<<nb, kBlock, 0, stream>>>(xp, yp, n, d, p, tol, max_iter, w); break;
-    default: auction_kernel<0, scalar_t><<<nb, kBlock, 0, stream>>>(xp, yp, n, d, p, tol, max_iter, w); break;
+    case 2: launch_auction_dim<2, scalar_t>(xp, yp, nb, n, d, p, tol, max_iter, w, stream); break;
+    case 3: launch_auction_dim<3, scalar_t>(xp, yp, nb, n, d, p, tol, max_iter, w, stream); break;
+    default: launch_auction_dim<0, scalar_t>(xp, yp, nb, n, d, p, tol, max_iter, w, stream); break;
   }
-  FA_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace

@@ -42,7 +42,7 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
   double eps = initial_eps(cmax);
   cur.resize(n);
   for (int i = 0; i < n; ++i) cur[i] = i;
-  while (true) {
+  for (int phase = 0;; ++phase) {
     // ---- rounds of the phase, until everyone holds an object ----
     while (!cur.empty() && out.rounds < max_iter) {
       ++out.rounds;
@@ -51,8 +51,8 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
         const int i = cur[k];
         BestTwo bt = best_two_init();
         for (int j = 0; j < n; ++j) best_two_push(bt, cost(i, j) + price[j], j);
-        bid_obj[k] = bt.j1;
-        bid_val[k] = bid_price(bt, price[bt.j1], eps);
+        bid_obj[k] = bid_target(bt);
+        bid_val[k] = bid_price(bt, price[bid_obj[k]], eps);
       }
       for (int k = 0; k < count; ++k) {  // highest bid per object, ties to the smaller person index
         const int j = bid_obj[k], i = cur[k];
@@ -101,7 +101,7 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
     }
     if (out.status == kMaxIter) break;
     const double eps_new = next_eps(eps, primal, tol, n);
-    if (eps_new < eps_floor(cmax)) {
+    if (!(eps_new >= eps_floor(cmax)) || phase + 1 >= kMaxPhases) {
       out.status = kEpsUnderflow;
       break;
     }
