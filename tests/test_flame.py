@@ -10,7 +10,8 @@ import scipy.sparse as sp
 import torch
 
 from flashavatar.model import FLAME, FlameCodes
-from flashavatar.model.camera import matrix_to_quat, matrix_to_rot6d, quat_to_matrix, rot6d_to_matrix
+from flashavatar.model.camera import (matrix_to_quat, matrix_to_rot6d, quat_multiply, quat_to_matrix,
+                                      rot6d_to_matrix)
 from flashavatar.model.flame import boundary_loops, load_flame_pickle, mouth_faces_from_loop
 
 V_SMALL = 40
@@ -210,6 +211,9 @@ def test_rotation_helpers():
     torch.testing.assert_close(rot6d_to_matrix(matrix_to_rot6d(R)), R)
     q = matrix_to_quat(R)
     torch.testing.assert_close(quat_to_matrix(q), R)
+    # Hamilton product composes rotations: R(q ⊗ p) = R(q) R(p), with broadcasting
+    p = matrix_to_quat(rot6d_to_matrix(torch.randn(4, 50, 6, dtype=torch.float64)))
+    torch.testing.assert_close(quat_to_matrix(quat_multiply(q, p)), R @ quat_to_matrix(p))
     # 180-degree rotations (trace = -1) convert accurately
     flips = torch.diag_embed(torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=torch.float64))
     torch.testing.assert_close(quat_to_matrix(matrix_to_quat(flips)), flips)

@@ -336,15 +336,19 @@ class FLAME(nn.Module):
         self.parents = [int(p) for p in parents]
         self.n_shape, self.n_expr, self.n_vertices = n_shape, n_expr, V
 
-        # buffers are kept in float64 (exact float64 results); float32 copies are cached per device
-        f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64)  # noqa: E731
-        self._cast_cache: dict = {}
-        self.register_buffer("v_template", f32(v_template), persistent=False)
+        # model arrays: float32 buffers for float32 inputs and float64 twins (``*_f64``) for exact float64 results;
+        # none is saved in state_dict (they come from the model file)
+        def buf(name, arr):
+            arr = np.ascontiguousarray(arr)
+            self.register_buffer(name, torch.as_tensor(arr, dtype=torch.float32), persistent=False)
+            self.register_buffer(name + "_f64", torch.as_tensor(arr, dtype=torch.float64), persistent=False)
+
+        buf("v_template", v_template)  # [V, 3]
         dirs = np.concatenate((shapedirs[..., :n_shape], shapedirs[..., 300:300 + n_expr]), axis=-1)
-        self.register_buffer("shapedirs", f32(dirs.reshape(V * 3, -1).T), persistent=False)  # [n_shape + n_expr, V*3]
-        self.register_buffer("posedirs", f32(posedirs.reshape(V * 3, 36).T), persistent=False)  # [36, V*3]
-        self.register_buffer("J_regressor", f32(J_reg), persistent=False)  # [5, V]
-        self.register_buffer("lbs_weights", f32(weights), persistent=False)  # [V, 5]
+        buf("shapedirs", dirs.reshape(V * 3, -1).T)  # [n_shape + n_expr, V*3]
+        buf("posedirs", posedirs.reshape(V * 3, 36).T)  # [36, V*3]
+        buf("J_regressor", J_reg)  # [5, V]
+        buf("lbs_weights", weights)  # [V, 5]
 
         # eyelids (after LBS)
         eyelids = None
@@ -362,7 +366,7 @@ class FLAME(nn.Module):
                 raise FileNotFoundError(f"eyelid blendshapes not found: {eyelids_path}")
         self.has_eyelids = eyelids is not None
         lid_dirs = eyelids if eyelids is not None else np.zeros((2, V, 3))
-        self.register_buffer("eyelid_dirs", f32(lid_dirs), persistent=False)  # [2 (left, right), V, 3]
+        buf("eyelid_dirs", lid_dirs)  # [2 (left, right), V, 3]
         self._warned_eyelids = False
 
         # mouth-closing faces
@@ -396,9 +400,9 @@ class FLAME(nn.Module):
             neck = loops[0] if loops else np.zeros(0, np.int64)
         self.register_buffer("neck_boundary", torch.as_tensor(neck, dtype=torch.long), persistent=False)
 
-    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .double(): drop the cached float32 copies
-        self._cast_cache = {}
-        return super()._apply(fn, *args, **kwargs)
+    def _model_array(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        t = getattr(self, name if dtype == torch.float32 else name + "_f64")
+        return t if t.dtype == dtype else t.to(dtype)  # only after a .double() / .half() of the module
 
     # ------------------------------------------------------------------------------------------ forward
     def _check_input(self, name, x, width, B):
@@ -422,28 +426,20 @@ class FLAME(nn.Module):
         if eyelids is not None:
             self._check_input("eyelids", eyelids, 2, B)
         dtype = torch.float64 if expr.dtype == torch.float64 else torch.float32
-
-        def cast(t):
-            if t.dtype == dtype:
-                return t
-            if t.dtype == torch.float64 and dtype == torch.float32:  # a model buffer: reuse its float32 copy
-                key = (t.data_ptr(), t.device, tuple(t.shape))
-                if key not in self._cast_cache:
-                    self._cast_cache[key] = t.to(dtype)
-                return self._cast_cache[key]
-            return t.to(dtype)
+        cast = lambda t: t if t.dtype == dtype else t.to(dtype)  # noqa: E731
+        M = lambda name: self._model_array(name, dtype)  # noqa: E731
         shape, expr, jaw, eyes = (cast(t) for t in (shape, expr, jaw, eyes))
         V = self.n_vertices
 
         betas = torch.cat((shape.expand(B, -1), expr), dim=1)  # [B, n_shape + n_expr]
-        v_shaped = cast(self.v_template) + (betas @ cast(self.shapedirs)).view(B, V, 3)
-        J = torch.einsum("jv,bvc->bjc", cast(self.J_regressor), v_shaped)  # [B, 5, 3]
+        v_shaped = M("v_template") + (betas @ M("shapedirs")).view(B, V, 3)
+        J = torch.einsum("jv,bvc->bjc", M("J_regressor"), v_shaped)  # [B, 5, 3]
 
-        eye3 = torch.eye(3, dtype=dtype, device=expr.device).expand(B, 3, 3)
-        rots = torch.stack((eye3, eye3, rot6d_to_matrix(jaw), rot6d_to_matrix(eyes[:, :6]),
-                            rot6d_to_matrix(eyes[:, 6:])), dim=1)  # [B, 5, 3, 3]
+        eye3 = torch.eye(3, dtype=dtype, device=expr.device).expand(B, 2, 3, 3)
+        posed = rot6d_to_matrix(torch.cat((jaw, eyes), dim=1).view(B, 3, 6))  # jaw, eye (joint 3), eye (joint 4)
+        rots = torch.cat((eye3, posed), dim=1)  # [B, 5, 3, 3]
         pose_feature = (rots[:, 1:] - torch.eye(3, dtype=dtype, device=expr.device)).reshape(B, 36)
-        v_posed = v_shaped + (pose_feature @ cast(self.posedirs)).view(B, V, 3)
+        v_posed = v_shaped + (pose_feature @ M("posedirs")).view(B, V, 3)
 
         # rigid chain: world transform of each joint, then remove the rest-pose joint location
         rel_J = J.clone()
@@ -456,7 +452,7 @@ class FLAME(nn.Module):
         A_R = torch.stack(world_R, 1)  # [B, 5, 3, 3]
         A_t = torch.stack(world_t, 1) - (A_R @ J[..., None])[..., 0]  # [B, 5, 3]
 
-        w = cast(self.lbs_weights)
+        w = M("lbs_weights")
         T_R = torch.einsum("vj,bjmn->bvmn", w, A_R)  # [B, V, 3, 3]
         T_t = torch.einsum("vj,bjm->bvm", w, A_t)  # [B, V, 3]
         verts = (T_R @ v_posed[..., None])[..., 0] + T_t
@@ -464,8 +460,7 @@ class FLAME(nn.Module):
         if eyelids is not None:
             if self.has_eyelids:
                 lids = cast(eyelids)
-                verts = verts + lids[:, 0, None, None] * cast(self.eyelid_dirs[0]) \
-                    + lids[:, 1, None, None] * cast(self.eyelid_dirs[1])
+                verts = verts + torch.einsum("bk,kvc->bvc", lids, M("eyelid_dirs"))
             elif not self._warned_eyelids and bool((eyelids != 0).any()):
                 log.warning("FLAME: eyelid parameters given but no eyelid blendshapes loaded (%s); ignored",
                             self.model_path.parent)
