@@ -940,10 +940,12 @@ def make_subject(root, subject_id: str = "synthetic", *, n_frames: int = 240, si
 
     codes = subject_codes(n_frames, seed)
     viewmats, K = subject_cameras(n_frames, height, width)
-    with torch.no_grad():
+    with torch.no_grad():  # posed meshes [T, V, 3] float32, in chunks (LBS holds [chunk, V, 3, 3])
         T = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
-        verts = flame(T(codes["shape"])[None], T(codes["expr"]), T(codes["jaw"]), T(codes["eyes"]),
-                      T(codes["eyelids"])).numpy()
+        verts = np.concatenate([
+            flame(T(codes["shape"])[None], T(codes["expr"][i:i + 256]), T(codes["jaw"][i:i + 256]),
+                  T(codes["eyes"][i:i + 256]), T(codes["eyelids"][i:i + 256])).float().numpy()
+            for i in range(0, n_frames, 256)])
 
     subj = root / subject_id
     ckpt = root / "tracker" / subject_id / "checkpoint"
