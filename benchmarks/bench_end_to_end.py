@@ -1,14 +1,18 @@
-"""End-to-end frames per second: FLAME -> avatar -> rasterise -> image (the `flashavatar bench` command).
+"""End-to-end frames per second: FLAME -> MLP -> Gaussians -> rasterise -> image (the `flashavatar bench` command).
 
 Usage: python benchmarks/bench_end_to_end.py [--out DIR_OR_FILE] [flashavatar bench options...]
 
-Runs the default avatar (uv_size 128) and, on a GPU, the large one (uv_size 256), at 512x512 on a GPU
-(128x128 on a CPU, labelled as CPU figures), prints the tables and writes one JSON per configuration.
+On a GPU: the default avatar (uv_size 128) and the large one (uv_size 256) at 512x512, batches of 1, 16 and 64
+frames per call, the ordinary forward, the fast path (fp32 and bf16 MLP) eager and replayed from a CUDA graph,
+and the same with gsplat's rasteriser when gsplat is importable. On a CPU: a small configuration (uv_size 32,
+128x128), labelled as CPU figures. Writes ``end_to_end_<device>.json`` into DIR (or the given .json file) and
+prints the tables. See benchmarks/NOTES_end_to_end.md for the analysis.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -24,17 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results", help="folder (or .json file) for the results")
     args, rest = parser.parse_known_args(argv)
     out = Path(args.out)
-    gpu = torch.cuda.is_available()
-    sizes = [128, 256] if gpu else [32]
-    status = 0
-    for uv in sizes:
-        target = out if out.suffix == ".json" and len(sizes) == 1 else (
-            out.parent if out.suffix == ".json" else out) / f"end_to_end_{'cuda' if gpu else 'cpu'}_uv{uv}.json"
-        sub = argparse.ArgumentParser()
-        bench.add_arguments(sub)
-        ns = sub.parse_args(["--uv-size", str(uv), "--out", str(target)] + rest)
-        status |= bench.run(ns)
-    return status
+    if out.suffix != ".json":
+        if torch.cuda.is_available():
+            name = re.sub(r"[^a-z0-9]+", "_", torch.cuda.get_device_name().lower()).strip("_")
+        else:
+            name = "cpu"
+        out = out / f"end_to_end_{name}.json"
+    sub = argparse.ArgumentParser()
+    bench.add_arguments(sub)
+    ns = sub.parse_args(["--out", str(out)] + rest)
+    return bench.run(ns)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
-"""``flashavatar bench``: frames per second of the per-frame pipeline FLAME -> avatar -> rasterise -> image.
+"""``flashavatar bench``: frames per second of the per-frame pipeline FLAME -> MLP -> Gaussians -> rasterise -> image.
 
-A first, simple form (issue 6 extends it with CUDA graphs and a gsplat row): for each batch size it times
-the whole pipeline and its stages (FLAME LBS, avatar MLP + assembly, rasterisation) after warm-up, reports
-the median over repeats and peak GPU memory, prints a table and writes JSON. On a CPU the figures are
-labelled CPU and are only a smoke test of the path.
+For each avatar size (``--uv-size``, default 128 and 256 on a GPU) and batch size (frames per call, default
+1, 16, 64 on a GPU) it times, after warm-up, with CUDA events (median of ``--repeats`` calls):
+
+* ``forward``: the ordinary path (``GaussianAvatar.forward`` + ``rasterize_gaussians``, as ``render`` uses it);
+* ``fast <dtype>``: :class:`flashavatar.animate.Animator` (precomputed frame-independent work, FLAME on the used
+  vertices only, the MLP in fp32 / bf16 / fp16), eager and replayed from one CUDA graph (``graph``);
+* the same fast path with gsplat's ``rasterization`` as the rasteriser when gsplat is importable (eager only:
+  gsplat reads the tile-intersection count back to the host, so it cannot be captured);
+
+plus a per-stage breakdown (FLAME, MLP, assembly, rasterisation; each stage timed on its own, eager and as a
+replayed graph) and peak GPU memory. Prints tables and writes JSON with the device name. On a CPU it runs a
+small configuration whose figures are labelled CPU (a smoke test of the path, not the GPU target).
 
 The avatar is a trained run (``--run``) or, by default, an untrained one on the procedural head (written to
 a cache folder when absent), so the benchmark needs no dataset.
@@ -12,7 +20,9 @@ a cache folder when absent), so the benchmark needs no dataset.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import platform
 import statistics
 import time
@@ -22,6 +32,8 @@ from typing import Any, Callable
 import torch
 
 from .io_utils import atomic_write_text
+
+STAGES = ("flame", "mlp", "assembly", "raster", "raster_gsplat")
 
 
 def _sync(device: torch.device) -> None:
@@ -50,10 +62,28 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: i
     return out
 
 
+def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    return 1e3 * statistics.median(time_fn(fn, device, warmup, repeats))
+
+
+def capture(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> Callable[[], Any]:
+    """``fn`` captured in a CUDA graph; returns the replay function. Warm-up runs on a side stream, with a
+    synchronisation after each call (lets the rasteriser's asynchronous capacity read-back land)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn()
+            torch.cuda.synchronize(device)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def front_camera(width: int, height: int, distance: float = 0.55, fov_deg: float = 30.0, center_y: float = -0.02):
     """A camera looking at the head from the front (OpenCV: x right, y down, z forward; head faces +z)."""
-    import math
-
     f = 0.5 * height / math.tan(math.radians(fov_deg) / 2)
     K = torch.tensor([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]])
     # world y up, head looking along +z -> camera at +z looking back: flip y and z
@@ -71,10 +101,45 @@ def default_head_model(cache: Path | None = None) -> Path:
     return pkl
 
 
+def frame_codes(base: dict[str, torch.Tensor], batch: int, device: torch.device, seed: int = 0) -> dict:
+    """``batch`` different frames around ``base`` (small random expression, jaw and eyelid motion): real
+    data, not zeros, so no path is timed on a degenerate input."""
+    g = torch.Generator().manual_seed(seed)
+    c = {k: v[:1].float().cpu() for k, v in base.items()}
+    out = {"shape": c["shape"].expand(batch, -1).contiguous()}
+    out["expr"] = c["expr"] + 0.5 * torch.randn(batch, c["expr"].shape[1], generator=g)
+    out["jaw"] = c["jaw"] + 0.05 * torch.randn(batch, 6, generator=g)
+    out["eyes"] = c["eyes"] + 0.02 * torch.randn(batch, 12, generator=g)
+    out["eyelids"] = (c["eyelids"] + 0.3 * torch.rand(batch, 2, generator=g)).clamp(0, 1)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def gsplat_rasterizer() -> tuple[Callable | None, str]:
+    """gsplat's ``rasterization`` in our signature (classic mode), or ``(None, reason)``."""
+    try:
+        import gsplat
+        from gsplat.cuda._backend import _C  # compiles its CUDA on first use
+
+        if _C is None:
+            return None, "gsplat CUDA backend unavailable"
+    except Exception as exc:  # noqa: BLE001 - any import/compile failure means: no gsplat row
+        return None, f"gsplat unavailable ({type(exc).__name__}: {exc})"
+
+    def raster(means, quats, scales, opacities, colors, viewmats, Ks, width, height, *, sh_degree=None,
+               backgrounds=None):
+        return gsplat.rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                                    sh_degree=sh_degree, near_plane=0.01, backgrounds=backgrounds,
+                                    rasterize_mode="classic")
+
+    return raster, f"gsplat {gsplat.__version__}"
+
+
 @torch.no_grad()
 def bench_pipeline(avatar, codes: dict[str, torch.Tensor], view: torch.Tensor, K: torch.Tensor, width: int, height: int,
                    batch_sizes: list[int], device: torch.device, warmup: int = 3, repeats: int = 10,
                    sh_degree: int | None = None) -> list[dict[str, Any]]:
+    """The ordinary path (``avatar(codes)`` + the picked rasteriser) for one camera: FPS and stage times per batch
+    size (used by ``flashavatar demo``)."""
     from .rasterize_fallback import pick_rasterizer
 
     name, raster = pick_rasterizer(device)
@@ -119,19 +184,138 @@ def bench_pipeline(avatar, codes: dict[str, torch.Tensor], view: torch.Tensor, K
     return rows
 
 
+def mlp_flops_per_frame(avatar) -> float:
+    """Multiply-adds x 2 of the per-frame MLP work (the per-Gaussian half of layer 1 is precomputed)."""
+    n = avatar.n_gaussians
+    hidden = [m for m in avatar.mlp_hidden if isinstance(m, torch.nn.Linear)]
+    per = sum(m.in_features * m.out_features for m in hidden) + avatar.mlp_out.in_features * 10
+    return 2.0 * n * per
+
+
+@torch.no_grad()
+def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height: int, batch_sizes: list[int],
+                 device: torch.device, *, dtypes: list[str], warmup: int, repeats: int, graphs: bool,
+                 gsplat_fn: Callable | None, log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
+    """Rows (one per pipeline variant and batch) and stage rows (one per dtype, batch and mode)."""
+    from .animate import Animator, rasterize_with
+    from .model import FlameCodes
+    from .ops import rasterize_gaussians
+
+    d = avatar.active_sh_degree
+    k = (d + 1) ** 2
+    view, K = front_camera(width, height)
+    animators = {dt: Animator(avatar, mlp_dtype=dt) for dt in dtypes}
+    rows, stage_rows = [], []
+    cuda = device.type == "cuda"
+
+    def peak_reset():
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def peak() -> float | None:
+        return torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+
+    for b in batch_sizes:
+        codes = frame_codes(base_codes, b, device, seed=b)
+        views = view.to(device).expand(b, 1, 4, 4).contiguous()
+        ks = K.to(device).expand(b, 1, 3, 3).contiguous()
+        bg = torch.tensor([0.0, 1.0, 0.0], device=device).expand(b, 1, 3).contiguous()
+        cond = FlameCodes.from_any(codes).condition()
+
+        def add(pipeline, dtype, graph, raster, ms, mem, **extra):
+            row = {"batch": b, "pipeline": pipeline, "mlp_dtype": dtype, "graph": graph, "rasterizer": raster,
+                   "ms_per_call": ms, "fps": b / (ms / 1e3) if ms else None, "peak_mem_mib": mem, **extra}
+            rows.append(row)
+            log(f"  batch {b:>3} {pipeline:<18} {'graph' if graph else 'eager':<5} "
+                + (f"{ms:9.3f} ms  {row['fps']:>10.1f} FPS" if ms else f"  {extra.get('error', '')}"))
+
+        # the ordinary path, as `flashavatar render` runs it
+        peak_reset()
+
+        def forward():
+            g = avatar(codes)
+            return rasterize_gaussians(g["means"], g["quats"], g["scales"], g["opacities"], g["sh"][:, :, :k], views,
+                                       ks, width, height, sh_degree=d, backgrounds=bg)
+
+        add("forward", "fp32", False, "ours", median_ms(forward, device, warmup, repeats), peak())
+
+        for dt, an in animators.items():
+            # eager fast path, then its stages
+            peak_reset()
+            add(f"fast {dt}", dt, False, "ours",
+                median_ms(lambda: an.render(codes, views, ks, width, height, backgrounds=bg), device, warmup,
+                          repeats), peak())
+            verts = an.vertices(codes)
+            raw = an.mlp(cond)
+            g = an.assemble(verts, raw)
+            stage_fns = {"flame": lambda: an.vertices(codes), "mlp": lambda: an.mlp(cond),
+                         "assembly": lambda: an.assemble(verts, raw),
+                         "raster": lambda: rasterize_with(None, g, views, ks, width, height, bg)}
+            if gsplat_fn is not None:
+                stage_fns["raster_gsplat"] = lambda: rasterize_with(gsplat_fn, g, views, ks, width, height, bg)
+            modes = ["eager"] + (["graph"] if graphs else [])
+            for mode in modes:
+                st = {"batch": b, "mlp_dtype": dt, "mode": mode}
+                for name, fn in stage_fns.items():
+                    if mode == "graph" and name == "raster_gsplat":
+                        continue  # not capturable
+                    try:
+                        st[name] = median_ms(fn if mode == "eager" else capture(fn, device), device, warmup, repeats)
+                    except Exception as exc:  # noqa: BLE001 - keep the other numbers
+                        st[name] = None
+                        st[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+                st["mlp_tflops"] = mlp_flops_per_frame(avatar) * b / (st["mlp"] * 1e-3) / 1e12 if st.get("mlp") else None
+                stage_rows.append(st)
+            del verts, raw, g, stage_fns
+            if gsplat_fn is not None:
+                peak_reset()
+                add(f"fast {dt} + gsplat", dt, False, "gsplat",
+                    median_ms(lambda: an.render(codes, views, ks, width, height, backgrounds=bg, rasterizer=gsplat_fn),
+                              device, warmup, repeats), peak())
+            if graphs and cuda:
+                from .animate import GraphedRenderer
+
+                peak_reset()
+                try:
+                    renderer = GraphedRenderer(an, b, width, height, viewmats=views, Ks=ks, backgrounds=bg,
+                                               codes=codes, warmup=warmup)
+                    add(f"fast {dt}", dt, True, "ours", median_ms(renderer.replay, device, warmup, repeats), peak())
+                    del renderer
+                except Exception as exc:  # noqa: BLE001 - report, keep going
+                    add(f"fast {dt}", dt, True, "ours", None, None, error=f"{type(exc).__name__}: {exc}")
+    return rows, stage_rows
+
+
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def format_table(rows: list[dict[str, Any]], label: str) -> str:
-    head = f"{'batch':>5} {'FPS':>10} {'ms/call':>9} {'FLAME':>8} {'avatar':>8} {'raster':>8} {'peak MiB':>9}"
-    lines = [f"device: {label}", head]
-    for r in rows:
-        peak = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "-"
-        lines.append(f"{r['batch']:>5} {r['fps']:>10.1f} {r['ms_per_call']:>9.2f} {r['ms_flame']:>8.2f} "
-                     f"{r['ms_avatar_mlp']:>8.2f} {r['ms_rasterize']:>8.2f} {peak:>9}")
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"device: {result['device']}" + ("" if result["device_type"] == "cuda" else
+                                               "  [CPU figures: a smoke test, not the GPU target]"),
+             f"animate + render at {result['resolution']}x{result['resolution']}, {result['source']}"]
+    for cfg in result["configs"]:
+        lines.append(f"\nuv_size {cfg['uv_size']}: {cfg['gaussians']} Gaussians, MLP {cfg['mlp_gflop_per_frame']:.2f}"
+                     " GFLOP/frame")
+        lines.append(f"{'batch':>5} {'pipeline':<20} {'mode':<5} {'ms/call':>9} {'FPS':>10} {'peak MiB':>9}")
+        for r in cfg["rows"]:
+            peak = f"{r['peak_mem_mib']:.0f}" if r.get("peak_mem_mib") is not None else "-"
+            if r["ms_per_call"] is None:
+                lines.append(f"{r['batch']:>5} {r['pipeline']:<20} {'graph' if r['graph'] else 'eager':<5} "
+                             f"failed: {r.get('error', '')[:80]}")
+                continue
+            lines.append(f"{r['batch']:>5} {r['pipeline']:<20} {'graph' if r['graph'] else 'eager':<5} "
+                         f"{r['ms_per_call']:>9.3f} {r['fps']:>10.1f} {peak:>9}")
+        lines.append(f"stages (ms per call): {'batch':>5} {'dtype':<5} {'mode':<5} "
+                     + " ".join(f"{s:>13}" for s in STAGES) + f" {'MLP TFLOP/s':>12}")
+        for s in cfg["stages"]:
+            vals = " ".join(f"{s[n]:>13.3f}" if s.get(n) is not None else f"{'-':>13}" for n in STAGES)
+            tf = f"{s['mlp_tflops']:>12.1f}" if s.get("mlp_tflops") else f"{'-':>12}"
+            lines.append(f"{'':21} {s['batch']:>5} {s['mlp_dtype']:<5} {s['mode']:<5} {vals} {tf}")
     return "\n".join(lines)
 
 
@@ -143,15 +327,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "~/.cache/flashavatar/head_model when absent); its template OBJ must be beside it")
     parser.add_argument("--resolution", type=int, default=None, help="square image size in pixels (default 512 on a "
                                                                       "GPU, 128 on a CPU)")
-    parser.add_argument("--uv-size", type=int, default=None, help="UV grid of the untrained avatar (default 128 on a "
-                                                                  "GPU, 32 on a CPU)")
+    parser.add_argument("--uv-size", type=int, nargs="+", default=None,
+                        help="UV grid(s) of the untrained avatar (default 128 256 on a GPU, 32 on a CPU)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                         help="frames per call (default 1 16 64 on a GPU, 1 4 on a CPU)")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="MLP precisions of the fast path (default fp32 bf16)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
+    parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows")
+    parser.add_argument("--no-gsplat", action="store_true", help="skip the gsplat rows")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", metavar="FILE", default=None, help="JSON output (default benchmarks/results/"
                                                                     "end_to_end_<device>.json)")
+
+
+def _load_avatars(args, device, gpu):
+    """[(uv_size or None, avatar, base codes, source)]."""
+    if args.run:
+        from .session import load_run
+
+        session, _ = load_run(args.run, device, load_frames=False)
+        avatar = session.avatar
+        frames = session.train_frames if len(session.train_frames) else session.test_frames
+        codes = {k: v[:1] for k, v in frames.codes.items()}
+        avatar.active_sh_degree = avatar.max_sh_degree
+        return [(avatar.uv_size, avatar.eval(), codes, f"run {args.run}")]
+    from .model import FLAME, FlameCodes, GaussianAvatar
+
+    pkl = Path(args.head_model) if args.head_model else default_head_model()
+    if not pkl.is_file():
+        raise FileNotFoundError(f"--head-model: file not found: {pkl}")
+    flame = FLAME(pkl)
+    out = []
+    for uv in args.uv_size or ([128, 256] if gpu else [32]):
+        avatar = GaussianAvatar(flame, pkl.parent / "head_template.obj", uv_size=uv)
+        avatar.active_sh_degree = avatar.max_sh_degree
+        codes = FlameCodes.neutral(1, flame.n_shape, flame.n_expr).as_dict()
+        out.append((uv, avatar.to(device).eval(), codes,
+                    f"untrained avatar on the procedural head ({pkl.parent})"))
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,42 +377,43 @@ def run(args: argparse.Namespace) -> int:
         gpu = device.type == "cuda"
         res = args.resolution or (512 if gpu else 128)
         batches = args.batch_sizes or ([1, 16, 64] if gpu else [1, 4])
-        repeats = args.repeats or (50 if gpu else 3)
-        if res < 8 or min(batches) < 1 or repeats < 1:
-            raise ValueError("--resolution must be >= 8, --batch-sizes and --repeats >= 1")
-        if args.run:
-            from .session import load_run
-
-            session, _ = load_run(args.run, device, load_frames=False)
-            avatar = session.avatar
-            codes = {k: v[:1] for k, v in (session.train_frames.codes if len(session.train_frames)
-                                           else session.test_frames.codes).items()}
-            for k in ("expr", "jaw", "eyes", "eyelids"):
-                codes.setdefault(k, torch.zeros(1, 1))
-            source = f"run {args.run}"
-        else:
-            from .model import FLAME, FlameCodes, GaussianAvatar
-
-            pkl = Path(args.head_model) if args.head_model else default_head_model()
-            if not pkl.is_file():
-                raise FileNotFoundError(f"--head-model: file not found: {pkl}")
-            flame = FLAME(pkl)
-            avatar = GaussianAvatar(flame, pkl.parent / "head_template.obj", uv_size=args.uv_size or (128 if gpu else 32))
-            avatar.active_sh_degree = avatar.max_sh_degree
-            codes = FlameCodes.neutral(1, flame.n_shape, flame.n_expr).as_dict()
-            source = f"untrained avatar on the procedural head ({pkl})"
-        avatar = avatar.to(device).eval()
+        repeats = args.repeats or (30 if gpu else 3)
+        warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+        dtypes = args.dtypes or ["fp32", "bf16"]
+        if res < 8 or min(batches) < 1 or repeats < 1 or warmup < 0:
+            raise ValueError("--resolution must be >= 8, --batch-sizes and --repeats >= 1, --warmup >= 0")
+        avatars = _load_avatars(args, device, gpu)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"flashavatar bench: error: {exc}")
         return 2
-    view, K = front_camera(res, res)
-    rows = bench_pipeline(avatar, codes, view, K, res, res, batches, device, args.warmup, repeats)
     label = device_label(device)
-    print(f"animate + render at {res}x{res}, {avatar.n_gaussians} Gaussians, {source}")
-    print(format_table(rows, label + ("" if gpu else "  [CPU figures: a smoke test, not the GPU target]")))
-    result = {"device": label, "device_type": device.type, "resolution": res, "gaussians": avatar.n_gaussians,
-              "source": source, "torch": torch.__version__, "rows": rows}
+    gsplat_fn, gsplat_note = (None, "skipped (--no-gsplat)") if args.no_gsplat else (
+        (None, "skipped (needs CUDA)") if not gpu else gsplat_rasterizer())
+    print(f"flashavatar bench on {label}; gsplat: {gsplat_note}", flush=True)
+    t0 = time.perf_counter()
+    configs = []
+    for uv, avatar, codes, source in avatars:
+        print(f"uv_size {uv}: {avatar.n_gaussians} Gaussians", flush=True)
+        rows, stages = bench_avatar(avatar, codes, res, res, batches, device, dtypes=dtypes, warmup=warmup,
+                                    repeats=repeats, graphs=gpu and not args.no_graphs, gsplat_fn=gsplat_fn,
+                                    log=lambda s: print(s, flush=True))
+        configs.append({"uv_size": uv, "gaussians": avatar.n_gaussians,
+                        "mlp_gflop_per_frame": mlp_flops_per_frame(avatar) / 1e9, "rows": rows, "stages": stages})
+        del avatar
+    headline = []  # per batch of the first avatar: the fastest pipeline
+    for b in batches:
+        cand = [r for r in configs[0]["rows"] if r["batch"] == b and r["ms_per_call"]]
+        best = min(cand, key=lambda r: r["ms_per_call"])
+        fwd = next((r for r in cand if r["pipeline"] == "forward"), None)
+        headline.append({"batch": b, "fps": best["fps"], "ms_per_call": best["ms_per_call"],
+                         "pipeline": best["pipeline"] + (" graph" if best["graph"] else ""),
+                         "fps_forward": fwd["fps"] if fwd else None, "uv_size": configs[0]["uv_size"]})
+    result = {"device": label, "device_type": device.type, "resolution": res, "source": avatars[0][3],
+              "rows": headline,
+              "torch": torch.__version__, "gsplat": gsplat_note, "repeats": repeats, "warmup": warmup,
+              "seconds": time.perf_counter() - t0, "configs": configs}
+    print(format_table(result))
     out = Path(args.out) if args.out else Path("benchmarks/results") / f"end_to_end_{device.type}.json"
     atomic_write_text(out, json.dumps(result, indent=1))
-    print(f"results: {out}")
+    print(f"results: {out} ({result['seconds']:.0f} s)")
     return 0

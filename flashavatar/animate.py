@@ -1,0 +1,369 @@
+"""Fast animate (+ render) path for a trained :class:`~flashavatar.model.GaussianAvatar` (issue 6).
+
+:class:`Animator` computes the same Gaussians as ``GaussianAvatar.forward`` (to float tolerance in float32)
+but does every frame-independent piece once, when it is built:
+
+* the per-Gaussian half of the MLP's first layer, ``W_pe · PE(x̄) + b`` ``[N, hidden]`` (the positional
+  encoding of the canonical positions never changes), and the MLP weights cast to the compute dtype;
+* FLAME restricted to the ``U`` vertices the Gaussians' triangles touch: shape, expression and pose
+  blendshapes, LBS weights and eyelids sliced to those vertices, the joint regressor folded into the
+  blendshapes (``J = J_reg v̄ + betas · (J_reg S)``), and one GEMM for ``[betas, pose features]`` →
+  (vertex offsets, joints);
+* the normalised base rotations, opacities ``sigmoid(logit)``, SH coefficients ``[N, K, 3]``.
+
+The MLP can run in bfloat16 or float16 (``mlp_dtype``); FLAME, the assembly and the rasteriser stay float32.
+Hidden layers use cuBLASLt's fused bias + ReLU epilogue (``torch._addmm_activation``) on CUDA.
+
+:class:`GraphedRenderer` captures the whole animate + rasterise step for a fixed batch size into a CUDA graph
+with static input buffers; calling it with new FLAME codes copies them in and replays the graph. The
+rasteriser (``flashavatar.ops.rasterize_gaussians``) is free of host synchronisation, which is what makes this
+possible.
+
+An :class:`Animator` snapshots the avatar's parameters: call :meth:`Animator.refresh` after changing them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .model.avatar import positional_encoding
+from .model.camera import matrix_to_quat, quat_multiply, rot6d_to_matrix
+from .model.flame import FlameCodes
+
+__all__ = ["Animator", "GraphedRenderer", "MLP_DTYPES"]
+
+MLP_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+              "fp16": torch.float16, "float16": torch.float16}
+
+
+def _as_dtype(mlp_dtype: str | torch.dtype | None) -> torch.dtype:
+    if mlp_dtype is None:
+        return torch.float32
+    if isinstance(mlp_dtype, torch.dtype):
+        if mlp_dtype not in MLP_DTYPES.values():
+            raise ValueError(f"Animator: mlp_dtype must be float32, bfloat16 or float16, got {mlp_dtype}")
+        return mlp_dtype
+    if mlp_dtype not in MLP_DTYPES:
+        raise ValueError(f"Animator: mlp_dtype must be one of {sorted(MLP_DTYPES)}, got '{mlp_dtype}'")
+    return MLP_DTYPES[mlp_dtype]
+
+
+class _Detached:
+    """Attribute view of a module whose tensors come back detached (the animator never builds autograd graphs)."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        value = getattr(self._module, name)
+        if isinstance(value, torch.Tensor):
+            return value.detach()
+        if isinstance(value, torch.nn.Module):
+            return _Detached(value)
+        return value
+
+    def __iter__(self):
+        return (_Detached(m) if isinstance(m, torch.nn.Module) else m for m in self._module)
+
+
+def _has_mm_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has ``mm(a, b, out_dtype=float32)`` for ``dtype`` operands on ``device``."""
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+class Animator:
+    """Frame-independent precomputation + a lean per-frame path for one avatar (inference only, no autograd).
+
+    Args:
+        avatar: a :class:`~flashavatar.model.GaussianAvatar` (any device; the animator lives on its device).
+        mlp_dtype: ``"fp32"`` (default: same results as the model), ``"bf16"`` or ``"fp16"`` for the MLP.
+        restrict_flame: skin only the vertices the Gaussians' triangles use (same result, less work).
+
+    Per-frame methods (``B`` frames, ``N`` Gaussians, ``U`` used vertices, ``K`` SH coefficients)::
+
+        vertices(codes)            -> [B, U, 3]  posed FLAME vertices (the used ones)
+        mlp(cond [B, C])           -> [B, N, 10] raw tanh outputs (float32)
+        assemble(verts, raw)       -> dict means [B,N,3], quats [B,N,4], scales [B,N,3], opacities [B,N],
+                                      sh [B,N,K,3] (expanded view), sh_degree
+        gaussians(codes)           -> the dict above, all three in a row
+        render(codes, viewmats [B,C,4,4], Ks [B,C,3,3], width, height, ...) -> image [B,C,H,W,3], alpha, meta
+    """
+
+    def __init__(self, avatar, *, mlp_dtype: str | torch.dtype | None = "fp32", restrict_flame: bool = True):
+        self.avatar = avatar
+        self.mlp_dtype = _as_dtype(mlp_dtype)
+        self.restrict_flame = bool(restrict_flame)
+        self.refresh()
+
+    # ---------------------------------------------------------------------------------------- precompute
+    @torch.no_grad()
+    def refresh(self) -> "Animator":
+        """(Re)compute everything frame-independent from the avatar's current parameters and buffers."""
+        a, flame = _Detached(self.avatar), self.avatar.flame
+        f32, dt = torch.float32, self.mlp_dtype
+        self.device = a.canonical_means.device
+        self.parity = a.parity
+        self.offset_scale = a.offset_scale
+        self.n_gaussians = a.n_gaussians
+        self.cond_dim = a.cond_dim
+
+        # MLP: first layer's per-Gaussian half once; weights in the compute dtype, transposed for addmm
+        pe = positional_encoding(a.canonical_means.to(f32), a.n_freqs)  # [N, 51]
+        self.h_pe = torch.addmm(a.mlp_in_pe.bias.to(f32), pe, a.mlp_in_pe.weight.to(f32).t()).to(dt)  # [N, H]
+        self.w_cond_t = a.mlp_in_cond.weight.to(f32).t().contiguous()  # [C, H] (per frame: tiny, float32)
+        self.hidden = [(layer.weight.to(dt).t().contiguous(), layer.bias.to(dt))  # ([H, H], [H])
+                       for layer in a.mlp_hidden if isinstance(layer._module, torch.nn.Linear)]
+        # output layer: reduced-precision operands but a float32 result (rounding the 10 outputs to bf16
+        # would be the largest error of the path); on CUDA through mm(..., out_dtype=float32)
+        self.w_out_t = a.mlp_out.weight.to(dt).t().contiguous()  # [H, 10]
+        self.w_out_t32 = a.mlp_out.weight.to(f32).t().contiguous()  # [H, 10]
+        self.b_out = a.mlp_out.bias.to(f32)  # [10]
+        self._mm_out_dtype = dt != f32 and self.device.type == "cuda" and _has_mm_out_dtype(self.device, dt)
+
+        # per-Gaussian constants
+        self.barycentrics = a.barycentrics.to(f32)  # [N, 3]
+        rot = a.rotation.to(f32)
+        self.q_base = rot / rot.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [N, 4]
+        self.log_scale = a.log_scale.to(f32)  # [N, 3]
+        self.opacities = torch.sigmoid(a.opacity_logit.to(f32))  # [N]
+        self.sh = torch.cat((a.features_dc, a.features_rest), dim=1).to(f32).contiguous()  # [N, K, 3]
+
+        # FLAME restricted to the used vertices
+        V = flame.n_vertices
+        faces = a.gaussian_faces  # [N, 3] vertex ids
+        used = torch.unique(faces) if self.restrict_flame else torch.arange(V, device=faces.device)  # [U] sorted
+        self.used_vertices = used
+        self.local_faces = torch.searchsorted(used, faces)  # [N, 3] indices into the used vertices
+        U = used.numel()
+        nb = flame.n_shape + flame.n_expr
+        M = lambda name: getattr(flame, name).to(f32)  # noqa: E731 (float32 model arrays)
+        shapedirs = M("shapedirs").view(nb, V, 3)
+        posedirs = M("posedirs").view(36, V, 3)
+        J_reg = M("J_regressor")  # [5, V]
+        v_template = M("v_template")  # [V, 3]
+        # one matrix for [betas, pose_feature] -> [vertex offsets (U*3), joints (15)]
+        dirs = torch.zeros(nb + 36, U * 3 + 15, dtype=f32, device=used.device)
+        dirs[:nb, :U * 3] = shapedirs[:, used].reshape(nb, U * 3)
+        dirs[nb:, :U * 3] = posedirs[:, used].reshape(36, U * 3)
+        dirs[:nb, U * 3:] = torch.einsum("jv,bvc->bjc", J_reg, shapedirs).reshape(nb, 15)
+        self.flame_dirs = dirs  # [nb + 36, U*3 + 15]
+        self.flame_base = torch.cat((v_template[used].reshape(-1), (J_reg @ v_template).reshape(-1)))  # [U*3 + 15]
+        self.lbs_weights = M("lbs_weights")[used].contiguous()  # [U, 5]
+        self.has_eyelids = bool(flame.has_eyelids)
+        self.eyelid_dirs = M("eyelid_dirs")[:, used].reshape(2, U * 3).contiguous()  # [2, U*3]
+        self.parents = list(flame.parents)
+        self.n_shape, self.n_expr, self.n_used = flame.n_shape, flame.n_expr, U
+        return self
+
+    # ------------------------------------------------------------------------------------------- stages
+    def vertices(self, codes) -> Tensor:
+        """Posed FLAME vertices ``[B, U, 3]`` of the used vertices (float32), same math as ``FLAME.forward``."""
+        c = FlameCodes.from_any(codes)
+        f32 = torch.float32
+        expr = c.expr.to(f32)
+        B = expr.shape[0]
+        shape = c.shape.to(f32)
+        shape = shape[None] if shape.dim() == 1 else shape
+        if expr.shape[1] != self.n_expr or shape.shape[1] != self.n_shape or shape.shape[0] not in (1, B):
+            raise ValueError(f"Animator: expr {tuple(expr.shape)} / shape {tuple(shape.shape)} do not match "
+                             f"[B, {self.n_expr}] / [1 or B, {self.n_shape}]")
+        if tuple(c.jaw.shape) != (B, 6) or tuple(c.eyes.shape) != (B, 12) or tuple(c.eyelids.shape) != (B, 2):
+            raise ValueError(f"Animator: jaw {tuple(c.jaw.shape)}, eyes {tuple(c.eyes.shape)}, eyelids "
+                             f"{tuple(c.eyelids.shape)} must be [{B}, 6], [{B}, 12], [{B}, 2]")
+        U = self.n_used
+        rot = rot6d_to_matrix(torch.cat((c.jaw, c.eyes), dim=1).to(f32).view(B, 3, 6))  # [B, 3, 3, 3]
+        eye = torch.eye(3, dtype=f32, device=expr.device)
+        pose_feature = (rot - eye).reshape(B, 27)
+        # joints 1 (neck) is the identity: its 9 pose features are zero, joints 2..4 follow
+        feats = torch.cat((shape.expand(B, -1), expr, pose_feature.new_zeros(B, 9), pose_feature), dim=1)
+        lin = torch.addmm(self.flame_base, feats, self.flame_dirs)  # [B, U*3 + 15]
+        v_posed = lin[:, :U * 3].view(B, U, 3)
+        J = lin[:, U * 3:].view(B, 5, 3)
+
+        # rigid chain (global = neck = identity): world rotations and translations per joint
+        rots = torch.cat((eye.expand(B, 2, 3, 3), rot), dim=1)  # [B, 5, 3, 3]
+        rel_J = torch.cat((J[:, :1], J[:, 1:] - J[:, self.parents[1:]]), dim=1)
+        world_R, world_t = [rots[:, 0]], [rel_J[:, 0]]
+        for j in range(1, 5):
+            p = self.parents[j]
+            world_R.append(world_R[p] @ rots[:, j])
+            world_t.append((world_R[p] @ rel_J[:, j, :, None])[..., 0] + world_t[p])
+        A_R = torch.stack(world_R, 1)  # [B, 5, 3, 3]
+        A_t = torch.stack(world_t, 1) - (A_R @ J[..., None])[..., 0]  # [B, 5, 3]
+        A = torch.cat((A_R, A_t[..., None]), dim=-1).reshape(B, 5, 12)  # [B, 5, 3x4]
+        T = torch.matmul(self.lbs_weights, A).view(B, U, 3, 4)  # blended transforms
+        verts = (T[..., :3] @ v_posed[..., None])[..., 0] + T[..., 3]
+        if self.has_eyelids:
+            verts = verts + (c.eyelids.to(f32) @ self.eyelid_dirs).view(B, U, 3)
+        return verts
+
+    def mlp(self, cond: Tensor) -> Tensor:
+        """Raw tanh outputs ``[B, N, 10]`` (float32) for conditions ``cond [B, cond_dim]``."""
+        if cond.dim() != 2 or cond.shape[1] != self.cond_dim:
+            raise ValueError(f"Animator.mlp: cond has shape {tuple(cond.shape)}, expected [B, {self.cond_dim}]")
+        B, N = cond.shape[0], self.n_gaussians
+        c = (cond.to(torch.float32) @ self.w_cond_t).to(self.mlp_dtype)  # [B, H]
+        h = torch.relu_(self.h_pe[None] + c[:, None]).view(B * N, -1)  # [B*N, H]
+        fused = h.is_cuda
+        for w_t, b in self.hidden:
+            if fused:  # cuBLASLt bias + ReLU epilogue: one pass over the activations instead of two
+                h = torch._addmm_activation(b, h, w_t)
+            else:
+                h = torch.relu_(torch.addmm(b, h, w_t))
+        if h.dtype == torch.float32:
+            out = torch.addmm(self.b_out, h, self.w_out_t32)  # [B*N, 10]
+        elif self._mm_out_dtype:
+            out = torch.mm(h, self.w_out_t, out_dtype=torch.float32).add_(self.b_out)
+        else:  # products of the rounded activations, accumulated and returned in float32
+            out = torch.addmm(self.b_out, h.to(torch.float32), self.w_out_t.to(torch.float32))
+        return torch.tanh(out).view(B, N, 10)
+
+    def assemble(self, verts: Tensor, raw: Tensor, sh_degree: int | None = None) -> dict[str, Any]:
+        """Gaussians from the posed used vertices ``[B, U, 3]`` and the MLP outputs ``[B, N, 10]``."""
+        B, N = raw.shape[0], self.n_gaussians
+        tri = verts[:, self.local_faces]  # [B, N, 3 corners, 3]
+        surface = (tri * self.barycentrics[None, :, :, None]).sum(2)  # [B, N, 3]
+        offset = self.offset_scale * raw[..., :3]
+        q_delta = torch.cat((torch.exp(raw[..., 3:4]), raw[..., 4:7]), dim=-1)
+        q_delta = q_delta / q_delta.norm(dim=-1, keepdim=True)
+        q_local = quat_multiply(self.q_base, q_delta)  # [B, N, 4]
+        delta_scale = raw[..., 7:10]
+        if self.parity:
+            quats = q_local
+            log_s = self.log_scale * torch.exp(delta_scale)
+        else:
+            e1 = tri[:, :, 1] - tri[:, :, 0]
+            n = torch.cross(e1, tri[:, :, 2] - tri[:, :, 0], dim=-1)
+            e1 = e1 / e1.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            frame = matrix_to_quat(torch.stack((e1, torch.cross(n, e1, dim=-1), n), dim=-1))
+            quats = quat_multiply(frame, q_local)
+            log_s = self.log_scale + delta_scale
+        d = self.avatar.active_sh_degree if sh_degree is None else int(sh_degree)
+        k = (d + 1) ** 2
+        return {"means": surface + offset, "quats": quats, "scales": torch.exp(log_s),
+                "opacities": self.opacities.expand(B, N), "sh": self.sh[:, :k].expand(B, N, k, 3), "sh_degree": d}
+
+    def gaussians(self, codes, sh_degree: int | None = None) -> dict[str, Any]:
+        """FLAME → MLP → Gaussians for ``B`` frames of codes (:class:`FlameCodes` or dict)."""
+        c = FlameCodes.from_any(codes)
+        with torch.no_grad():
+            verts = self.vertices(c)
+            raw = self.mlp(c.condition())
+            return self.assemble(verts, raw, sh_degree)
+
+    def render(self, codes, viewmats: Tensor, Ks: Tensor, width: int, height: int, *, sh_degree: int | None = None,
+               backgrounds: Tensor | None = None, rasterizer=None, check_finite: bool = False):
+        """Animate and rasterise: ``viewmats [B, C, 4, 4]``, ``Ks [B, C, 3, 3]``, ``backgrounds [B, C, 3]`` ->
+        ``(render [B, C, H, W, 3], alpha [B, C, H, W, 1], meta)``. ``rasterizer`` defaults to
+        ``flashavatar.ops.rasterize_gaussians`` (any function with its signature works, e.g. gsplat's
+        ``rasterization``)."""
+        g = self.gaussians(codes, sh_degree)
+        with torch.no_grad():
+            return rasterize_with(rasterizer, g, viewmats, Ks, width, height, backgrounds, check_finite)
+
+
+def rasterize_with(rasterizer, g: dict[str, Any], viewmats: Tensor, Ks: Tensor, width: int, height: int,
+                   backgrounds: Tensor | None = None, check_finite: bool = False):
+    """Rasterise an avatar output ``g`` with ``rasterizer`` (default: our op, validation read-back off)."""
+    if rasterizer is None:
+        from .ops import rasterize_gaussians
+
+        return rasterize_gaussians(g["means"], g["quats"], g["scales"], g["opacities"], g["sh"], viewmats, Ks,
+                                   width, height, sh_degree=g["sh_degree"], backgrounds=backgrounds,
+                                   check_finite=check_finite)
+    return rasterizer(g["means"], g["quats"], g["scales"], g["opacities"], g["sh"], viewmats, Ks, width, height,
+                      sh_degree=g["sh_degree"], backgrounds=backgrounds)
+
+
+class GraphedRenderer:
+    """Animate + rasterise ``batch`` frames replayed from one CUDA graph.
+
+    ``renderer = GraphedRenderer(animator, batch, width, height, viewmats=[B, C, 4, 4], Ks=[B, C, 3, 3])``;
+    ``image = renderer(codes)`` copies the codes (and, if given, new cameras) into the static input buffers,
+    replays the graph and returns the static output ``[B, C, H, W, 3]`` (overwritten by the next call:
+    clone it to keep it). Without CUDA it runs the same step eagerly (no graph).
+    """
+
+    def __init__(self, animator: Animator, batch: int, width: int, height: int, *, viewmats: Tensor, Ks: Tensor,
+                 sh_degree: int | None = None, backgrounds: Tensor | None = None, warmup: int = 3,
+                 rasterizer=None, codes=None):
+        dev = animator.device
+        if viewmats.dim() != 4 or viewmats.shape[0] != batch or viewmats.shape[-2:] != (4, 4):
+            raise ValueError(f"GraphedRenderer: viewmats has shape {tuple(viewmats.shape)}, expected [{batch}, C, 4, 4]")
+        C = viewmats.shape[1]
+        if tuple(Ks.shape) != (batch, C, 3, 3):
+            raise ValueError(f"GraphedRenderer: Ks has shape {tuple(Ks.shape)}, expected [{batch}, {C}, 3, 3]")
+        self.animator, self.batch, self.width, self.height = animator, int(batch), int(width), int(height)
+        self.sh_degree = animator.avatar.active_sh_degree if sh_degree is None else int(sh_degree)
+        self.rasterizer = rasterizer
+        if codes is None:
+            codes = FlameCodes.neutral(batch, animator.n_shape, animator.n_expr, device=dev)
+        c = FlameCodes.from_any(codes)
+        # static inputs (float32, contiguous, [B, ...])
+        self.static = {k: v.to(dev, torch.float32).expand(batch, -1).contiguous().clone()
+                       for k, v in c.as_dict().items()}
+        self.viewmats = viewmats.to(dev, torch.float32).contiguous().clone()
+        self.Ks = Ks.to(dev, torch.float32).contiguous().clone()
+        bg = torch.zeros(batch, C, 3, device=dev) if backgrounds is None else backgrounds.to(dev, torch.float32)
+        self.backgrounds = bg.expand(batch, C, 3).contiguous().clone()
+        self.graph = None
+        self.output = None
+        if dev.type == "cuda":
+            self._capture(warmup)
+
+    def _step(self) -> Tensor:
+        g = self.animator.gaussians(self.static, self.sh_degree)
+        render, _, _ = rasterize_with(self.rasterizer, g, self.viewmats, self.Ks, self.width, self.height,
+                                      self.backgrounds)
+        return render
+
+    def _capture(self, warmup: int) -> None:
+        # Warm up on a side stream (cuBLAS handles, the rasteriser's intersection capacity: synchronising
+        # after each call lets its asynchronous read-back land, so the captured capacity fits these frames).
+        side = torch.cuda.Stream(self.animator.device)
+        side.wait_stream(torch.cuda.current_stream(self.animator.device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(max(1, warmup)):
+                self._step()
+                torch.cuda.synchronize(self.animator.device)
+        torch.cuda.current_stream(self.animator.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.output = self._step()
+
+    @torch.no_grad()
+    def __call__(self, codes=None, viewmats: Tensor | None = None, Ks: Tensor | None = None) -> Tensor:
+        if codes is not None:
+            c = FlameCodes.from_any(codes)
+            for k, v in c.as_dict().items():
+                dst = self.static[k]
+                if v.shape[-1] != dst.shape[-1] or v.shape[0] not in (1, self.batch):
+                    raise ValueError(f"GraphedRenderer: codes['{k}'] has shape {tuple(v.shape)}, expected "
+                                     f"[{self.batch} or 1, {dst.shape[-1]}]")
+                dst.copy_(v.expand_as(dst), non_blocking=True)
+        for name, new in (("viewmats", viewmats), ("Ks", Ks)):
+            if new is not None:
+                dst = getattr(self, name)
+                if tuple(new.shape) != tuple(dst.shape):
+                    raise ValueError(f"GraphedRenderer: {name} has shape {tuple(new.shape)}, expected "
+                                     f"{tuple(dst.shape)}")
+                dst.copy_(new, non_blocking=True)
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.output
+
+    def replay(self) -> Tensor:
+        """Replay with the inputs as they are (for timing)."""
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.output
