@@ -114,7 +114,13 @@ __global__ void project_kernel(Params p, const float* __restrict__ means,  // [B
   const int4 r = make_int4(pr.rect.x0 / kTileSize, pr.rect.y0 / kTileSize, pr.rect.x1 / kTileSize,
                            pr.rect.y1 / kTileSize);
   tile_rect[idx] = r;
-  tile_counts[idx] = (r.z - r.x + 1) * (r.w - r.y + 1);
+  // Exact ellipse-tile test: only tiles where alpha can reach 1/255 somewhere (fewer entries to sort and
+  // blend than the bounding box; the image is the same).
+  int count = 0;
+  for (int ty = r.y; ty <= r.w; ++ty)
+    for (int tx = r.x; tx <= r.z; ++tx)
+      count += raster::gaussian_hits_tile(pr.mx, pr.my, pr.conic, opac[g], tx, ty, kTileSize, p.W, p.H);
+  tile_counts[idx] = count;
   // depth >= near > 0, so the float's bits order like the float.
   depth_keys[idx] = (uint64_t(img) << 32) | uint64_t(__float_as_uint(pr.depth));
   float* out = colors_eval + idx * p.D;
@@ -140,7 +146,9 @@ __global__ void gather_counts_kernel(int64_t total, int N, const int32_t* __rest
 __global__ void emit_kernel(Params p, int64_t total, const int32_t* __restrict__ sorted_ids,
                             const int32_t* __restrict__ offsets,  // inclusive, depth order
                             const int32_t* __restrict__ counts_sorted, const int4* __restrict__ tile_rect,
-                            uint32_t* __restrict__ keys, int32_t* __restrict__ vals) {
+                            const float2* __restrict__ means2d, const float* __restrict__ conics,
+                            const float* __restrict__ opac, uint32_t* __restrict__ keys,
+                            int32_t* __restrict__ vals) {
   const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s >= total) return;
   const int cnt = counts_sorted[s];
@@ -151,8 +159,12 @@ __global__ void emit_kernel(Params p, int64_t total, const int32_t* __restrict__
   if (pos >= p.capacity) return;  // overflow: this image is rendered by the fallback path
   const int4 r = tile_rect[flat];
   const uint32_t base = uint32_t(img) * uint32_t(p.tiles_x * p.tiles_y);
+  const float2 m = means2d[flat];
+  const Sym2<float> conic{conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]};
+  const float o = opac[int64_t(img / p.C) * p.N + sorted_ids[s]];
   for (int ty = r.y; ty <= r.w; ++ty)
     for (int tx = r.x; tx <= r.z; ++tx) {
+      if (!raster::gaussian_hits_tile(m.x, m.y, conic, o, tx, ty, kTileSize, p.W, p.H)) continue;
       if (pos >= p.capacity) return;
       keys[pos] = base + uint32_t(ty * p.tiles_x + tx);
       vals[pos] = int32_t(flat);
@@ -231,9 +243,11 @@ __global__ void __launch_bounds__(kBlock)
                       float* __restrict__ render,                                        // [B*C, H, W, D]
                       float* __restrict__ alpha_out, float* __restrict__ depth_out,     // [B*C, H, W]
                       int32_t* __restrict__ last_ids, float* __restrict__ trans_out) {  // [B*C, H, W]
-  __shared__ int s_id[kBlock];
+  // The batch of Gaussians, staged in shared memory: geometry, depth and this chunk's colour channels.
   __shared__ float3 s_xyo[kBlock];
   __shared__ float3 s_con[kBlock];
+  __shared__ float s_z[kBlock];
+  __shared__ float s_col[kBlock * MAXD];
   const int img = blockIdx.z;
   const int tile = blockIdx.y * p.tiles_x + blockIdx.x;
   const int tid = threadIdx.y * kTileSize + threadIdx.x;
@@ -255,9 +269,13 @@ __global__ void __launch_bounds__(kBlock)
       float o;
       const int flat = list_entry(p, l, img, i, sorted_ids, isect, radii, opac, o);
       const float2 m = means2d[flat];
-      s_id[tid] = flat;
       s_xyo[tid] = make_float3(m.x, m.y, o);
       s_con[tid] = make_float3(conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]);
+      s_z[tid] = depths[flat];
+      const float* cp = colors_eval + int64_t(flat) * p.D + ch_off;
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < nch) s_col[tid * MAXD + c] = cp[c];
     }
     __syncthreads();
     const int nb = min(kBlock, l.count - base);
@@ -273,12 +291,10 @@ __global__ void __launch_bounds__(kBlock)
         break;
       }
       const float w = a * T;
-      const int flat = s_id[j];
-      const float* cp = colors_eval + int64_t(flat) * p.D + ch_off;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
-        if (c < nch) acc[c] += w * __ldg(cp + c);
-      accz += w * __ldg(depths + flat);
+        if (c < nch) acc[c] += w * s_col[j * MAXD + c];
+      accz += w * s_z[j];
       T = next;
       last = base + j + 1;
     }
@@ -323,6 +339,8 @@ __global__ void __launch_bounds__(kBlock)
   __shared__ int s_id[kBlock];
   __shared__ float3 s_xyo[kBlock];
   __shared__ float3 s_con[kBlock];
+  __shared__ float s_z[kBlock];
+  __shared__ float s_col[kBlock * MAXD];
   __shared__ int s_max_last;
   const int img = blockIdx.z;
   const int tile = blockIdx.y * p.tiles_x + blockIdx.x;
@@ -345,8 +363,8 @@ __global__ void __launch_bounds__(kBlock)
     gC[c] = (inside && c < nch) ? g_render[pix * p.D + ch_off + c] : 0.f;
     acc[c] = (bgi && c < nch) ? t_final * bgi[c] : 0.f;
   }
-  const float gA = (inside && ch_off == 0) ? g_alpha[pix] : 0.f;
-  const float gD = (inside && ch_off == 0) ? g_depth[pix] : 0.f;
+  const float gA = (inside && ch_off == 0 && g_alpha) ? g_alpha[pix] : 0.f;  // null: no gradient
+  const float gD = (inside && ch_off == 0 && g_depth) ? g_depth[pix] : 0.f;
   float acc_z = 0.f, T = t_final;
 
   if (tid == 0) s_max_last = 0;
@@ -366,6 +384,11 @@ __global__ void __launch_bounds__(kBlock)
       s_id[tid] = flat;
       s_xyo[tid] = make_float3(m.x, m.y, o);
       s_con[tid] = make_float3(conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]);
+      s_z[tid] = depths[flat];
+      const float* cp = colors_eval + int64_t(flat) * p.D + ch_off;
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < nch) s_col[tid * MAXD + c] = cp[c];
     }
     __syncthreads();
     for (int j = bend - bstart - 1; j >= 0; --j) {
@@ -389,17 +412,16 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
       for (int c = 0; c < MAXD; ++c) vcol[c] = 0.f;
       if (valid) {
-        const float one_m = 1.f - a;
-        const float ti = T / one_m;  // transmittance in front of this Gaussian
+        const float ra = 1.f / (1.f - a);  // one division, then products
+        const float ti = T * ra;           // transmittance in front of this Gaussian
         const float w = a * ti;
-        const float z = __ldg(depths + flat);
-        float ga = gA * t_final / one_m + gD * (z * ti - acc_z / one_m);
-        const float* cp = colors_eval + int64_t(flat) * p.D + ch_off;
+        const float z = s_z[j];
+        float ga = gA * t_final * ra + gD * (z * ti - acc_z * ra);
 #pragma unroll
         for (int c = 0; c < MAXD; ++c)
           if (c < nch) {
-            const float cv = __ldg(cp + c);
-            ga += gC[c] * (cv * ti - acc[c] / one_m);
+            const float cv = s_col[j * MAXD + c];
+            ga += gC[c] * (cv * ti - acc[c] * ra);
             vcol[c] = gC[c] * w;
             acc[c] += cv * w;
           }
@@ -607,7 +629,9 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
     emit_kernel<<<blocks_for(BCN), 256, 0, stream>>>(p, BCN, sorted_ids.data_ptr<int32_t>(),
                                                       offsets.data_ptr<int32_t>(), counts_sorted.data_ptr<int32_t>(),
                                                       reinterpret_cast<const int4*>(tile_rect.data_ptr<int32_t>()),
-                                                      keys_ptr, vals.data_ptr<int32_t>());
+                                                      reinterpret_cast<const float2*>(means2d.data_ptr<float>()),
+                                                      conics.data_ptr<float>(), opacities.data_ptr<float>(), keys_ptr,
+                                                      vals.data_ptr<int32_t>());
     FA_CUDA_CHECK_LAUNCH();
     pad_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), offsets.data_ptr<int32_t>(), BCN, sentinel,
                                                           keys_ptr, vals.data_ptr<int32_t>());
@@ -659,8 +683,8 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
                                 const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& transmittance,
                                 const at::Tensor& sorted_ids, const at::Tensor& isect_ids,
                                 const at::Tensor& tile_ranges, const at::Tensor& offsets,
-                                const at::Tensor& grad_render, const at::Tensor& grad_alpha,
-                                const at::Tensor& grad_depth) {
+                                const at::Tensor& grad_render, const c10::optional<at::Tensor>& grad_alpha,
+                                const c10::optional<at::Tensor>& grad_depth) {
   const char* op = "flashavatar::rasterize_bwd";
   const int64_t D = rasterize_check_inputs(op, means, quats, scales, opacities, colors, viewmats, Ks, backgrounds,
                                            width, height, sh_degree);
@@ -675,18 +699,27 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
   FA_CHECK(op, grad_render.sizes() == at::IntArrayRef({B, C, H, W, D}), "grad_render must have shape [", B, ", ",
            C, ", ", H, ", ", W, ", ", D, "], got ", sizes_str(grad_render));
   const at::Tensor gr = grad_render.to(at::kFloat).contiguous();
-  const at::Tensor ga = grad_alpha.to(at::kFloat).contiguous();
-  const at::Tensor gd = grad_depth.to(at::kFloat).contiguous();
+  auto optional_grad = [&](const c10::optional<at::Tensor>& g, const char* name) {
+    if (!g.has_value() || !g->defined()) return at::Tensor();  // kernel reads null as zero
+    FA_CHECK(op, g->sizes() == at::IntArrayRef({B, C, H, W, 1}), name, " must have shape [", B, ", ", C, ", ", H,
+             ", ", W, ", 1], got ", sizes_str(*g));
+    return g->to(at::kFloat).contiguous();
+  };
+  const at::Tensor ga = optional_grad(grad_alpha, "grad_alpha");
+  const at::Tensor gd = optional_grad(grad_depth, "grad_depth");
   at::Tensor d_means = at::zeros_like(means), d_quats = at::zeros_like(quats), d_scales = at::zeros_like(scales),
              d_opac = at::zeros_like(opacities), d_colors = at::zeros_like(colors);
   if (N == 0) return {d_means, d_quats, d_scales, d_opac, d_colors};
   const auto fopts = means.options();
-  at::Tensor v_means2d = at::zeros({BCN, 2}, fopts);
-  at::Tensor v_conics = at::zeros({BCN, 3}, fopts);
-  at::Tensor v_depths = at::zeros({BCN}, fopts);
   const bool sh = sh_degree >= 0;
+  // Per-image accumulators in one zero-filled buffer (one memset instead of four):
+  // v_means2d [BCN, 2], v_conics [BCN, 3], v_depths [BCN], and for SH v_colors [BCN, D].
+  at::Tensor scratch = at::zeros({BCN * (6 + (sh ? D : 0))}, fopts);
+  at::Tensor v_means2d = scratch.narrow(0, 0, 2 * BCN);
+  at::Tensor v_conics = scratch.narrow(0, 2 * BCN, 3 * BCN);
+  at::Tensor v_depths = scratch.narrow(0, 5 * BCN, BCN);
   // Plain colours: the blending kernel accumulates straight into d_colors [B, N, 1, D].
-  at::Tensor v_colors = sh ? at::zeros({BCN, D}, fopts) : d_colors;
+  at::Tensor v_colors = sh ? scratch.narrow(0, 6 * BCN, D * BCN) : d_colors;
   const bool has_bg = backgrounds.has_value() && backgrounds->defined();
   const float* bg_ptr = has_bg ? backgrounds->data_ptr<float>() : nullptr;
   const dim3 grid(p.tiles_x, p.tiles_y, unsigned(B * C)), block(kTileSize, kTileSize);
@@ -696,8 +729,8 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
         opacities.data_ptr<float>(), colors_eval.data_ptr<float>(), depths.data_ptr<float>(),
         radii.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(), isect_ids.data_ptr<int32_t>(),
         reinterpret_cast<const int2*>(tile_ranges.data_ptr<int32_t>()), offsets.data_ptr<int32_t>(), bg_ptr,
-        transmittance.data_ptr<float>(), last_ids.data_ptr<int32_t>(), gr.data_ptr<float>(), ga.data_ptr<float>(),
-        gd.data_ptr<float>(), v_means2d.data_ptr<float>(), v_conics.data_ptr<float>(), d_opac.data_ptr<float>(),
+        transmittance.data_ptr<float>(), last_ids.data_ptr<int32_t>(), gr.data_ptr<float>(),
+        ga.defined() ? ga.data_ptr<float>() : nullptr, gd.defined() ? gd.data_ptr<float>() : nullptr, v_means2d.data_ptr<float>(), v_conics.data_ptr<float>(), d_opac.data_ptr<float>(),
         v_depths.data_ptr<float>(), v_colors.data_ptr<float>());
     FA_CUDA_CHECK_LAUNCH();
   });

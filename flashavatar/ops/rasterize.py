@@ -61,6 +61,7 @@ def _setup_context(ctx, inputs, output):
                           conics, colors_eval, depths, last_ids, transmittance, sorted_ids, isect_ids, tile_ranges,
                           offsets)
     ctx.params = (width, height, sh_degree, near_plane, far_plane, eps2d)
+    ctx.set_materialize_grads(False)  # unused outputs arrive as None: no zero-filled gradient images
     # Only render, alpha and depth carry gradients; the rest is bookkeeping (means2d has no gradient).
     ctx.mark_non_differentiable(means2d, conics, colors_eval, depths, transmittance)
 
@@ -72,9 +73,10 @@ def _backward(ctx, g_render, g_alpha, g_depth, *unused):
     B, C, D = means.shape[0], viewmats.shape[1], colors.shape[3]
     shape = (B, C, height, width)
     g_render = means.new_zeros(shape + (D,)) if g_render is None else g_render.contiguous()
-    g_alpha = means.new_zeros(shape + (1,)) if g_alpha is None else g_alpha.contiguous()
-    g_depth = means.new_zeros(shape + (1,)) if g_depth is None else g_depth.contiguous()
-    d_means, d_quats, d_scales, d_opac, d_colors = torch.ops.flashavatar.rasterize_bwd(
+    # None = that output was not used: the kernels read it as zero without a zero-filled tensor.
+    g_alpha = None if g_alpha is None else g_alpha.contiguous()
+    g_depth = None if g_depth is None else g_depth.contiguous()
+    d_means, d_quats, d_scales, d_opac, d_colors = torch.ops.flashavatar.rasterize_bwd.default(
         means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height, sh_degree, near_plane,
         far_plane, eps2d, alpha, radii, means2d, conics, colors_eval, depths, last_ids, transmittance, sorted_ids,
         isect_ids, tile_ranges, offsets, g_render, g_alpha, g_depth)
@@ -148,7 +150,8 @@ def _capacity_state(device: torch.device, images: int, n: int, width: int, heigh
 
 
 def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    # Only called for CUDA tensors, so CUDA is available.
+    return torch.cuda.is_current_stream_capturing()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,7 +296,12 @@ def rasterize_gaussians(
     B = math.prod(batch) if batch else 1
 
     def prep(t: Tensor, shape: tuple) -> Tensor:
-        return t.to(dtype).reshape(shape).contiguous()
+        # Each step only when needed: this wrapper's host time matters for small scenes.
+        if t.dtype != dtype:
+            t = t.to(dtype)
+        if t.shape != shape:
+            t = t.reshape(shape)
+        return t if t.is_contiguous() else t.contiguous()
 
     m = prep(means, (B, N, 3))
     q = prep(quats, (B, N, 4))
@@ -315,7 +323,7 @@ def rasterize_gaussians(
             cap_state.update()
         capacity = cap_state.value if _FORCE_CAPACITY is None else int(_FORCE_CAPACITY)
 
-    out = torch.ops.flashavatar.rasterize_fwd(m, q, s, o, col, vm, k, bg, width, height,
+    out = torch.ops.flashavatar.rasterize_fwd.default(m, q, s, o, col, vm, k, bg, width, height,
                                               -1 if sh_degree is None else int(sh_degree), float(near), float(far),
                                               float(eps2d), capacity)
     render, alpha, depth, radii, means2d, conics, colors_eval, depths = out[:8]
