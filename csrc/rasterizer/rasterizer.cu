@@ -341,6 +341,14 @@ __global__ void __launch_bounds__(kBlock)
   __shared__ float3 s_con[kBlock];
   __shared__ float s_z[kBlock];
   __shared__ float s_col[kBlock * MAXD];
+  // Per-batch gradient sums of the block (shared atomics), flushed to global memory once per block and
+  // Gaussian: 8x fewer global atomics than one per warp. Geometry: mx, my, conic a, b, c, opacity, depth.
+  // Colours go through shared memory too when few (MAXD <= 4); wider chunks keep per-warp global atomics
+  // (shared memory would exceed 48 KB).
+  constexpr int kGeo = 7;  // odd stride: conflict-free flush
+  constexpr bool kSharedColor = MAXD <= 4;
+  __shared__ float s_grad[kBlock * kGeo];
+  __shared__ float s_gcol[kSharedColor ? kBlock * MAXD : 1];
   __shared__ int s_max_last;
   const int img = blockIdx.z;
   const int tile = blockIdx.y * p.tiles_x + blockIdx.x;
@@ -372,6 +380,8 @@ __global__ void __launch_bounds__(kBlock)
   atomicMax(&s_max_last, last);
   __syncthreads();
   const int end = s_max_last;
+  const int warp_last = __reduce_max_sync(0xffffffffu, last);  // entries past it touch no pixel of the warp
+  const bool has_gd = g_depth != nullptr;
 
   for (int bend = end; bend > 0; bend -= kBlock) {
     const int bstart = max(0, bend - kBlock);
@@ -390,9 +400,16 @@ __global__ void __launch_bounds__(kBlock)
       for (int c = 0; c < MAXD; ++c)
         if (c < nch) s_col[tid * MAXD + c] = cp[c];
     }
+#pragma unroll
+    for (int k = 0; k < kGeo; ++k) s_grad[tid * kGeo + k] = 0.f;
+    if (kSharedColor) {
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c) s_gcol[tid * MAXD + c] = 0.f;
+    }
     __syncthreads();
     for (int j = bend - bstart - 1; j >= 0; --j) {
       const int idx = bstart + j;
+      if (idx >= warp_last) continue;  // uniform over the warp
       const float3 xyo = s_xyo[j];
       const float3 co = s_con[j];
       const int flat = s_id[j];
@@ -437,23 +454,48 @@ __global__ void __launch_bounds__(kBlock)
       vcon.b = warp_sum(vcon.b);
       vcon.c = warp_sum(vcon.c);
       vop = warp_sum(vop);
-      vz = warp_sum(vz);
+      if (has_gd) vz = warp_sum(vz);  // uniform branch
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < nch) vcol[c] = warp_sum(vcol[c]);
       if (lane == 0) {
-        const int64_t g = int64_t(b) * p.N + (flat - img_base);
-        atomicAdd(v_means2d + 2 * int64_t(flat), vmx);
-        atomicAdd(v_means2d + 2 * int64_t(flat) + 1, vmy);
-        atomicAdd(v_conics + 3 * int64_t(flat), vcon.a);
-        atomicAdd(v_conics + 3 * int64_t(flat) + 1, vcon.b);
-        atomicAdd(v_conics + 3 * int64_t(flat) + 2, vcon.c);
-        atomicAdd(v_opac + g, vop);
-        atomicAdd(v_depths + flat, vz);
+        float* sg = s_grad + j * kGeo;
+        atomicAdd(sg + 0, vmx);
+        atomicAdd(sg + 1, vmy);
+        atomicAdd(sg + 2, vcon.a);
+        atomicAdd(sg + 3, vcon.b);
+        atomicAdd(sg + 4, vcon.c);
+        atomicAdd(sg + 5, vop);
+        if (has_gd) atomicAdd(sg + 6, vz);
+        if (kSharedColor) {
+#pragma unroll
+          for (int c = 0; c < MAXD; ++c)
+            if (c < nch) atomicAdd(s_gcol + j * MAXD + c, vcol[c]);
+        } else {
+          const int64_t g = int64_t(b) * p.N + (flat - img_base);
+          float* vc = v_colors + (per_set_colors ? g : int64_t(flat)) * p.D + ch_off;
+#pragma unroll
+          for (int c = 0; c < MAXD; ++c)
+            if (c < nch) atomicAdd(vc + c, vcol[c]);
+        }
+      }
+    }
+    __syncthreads();  // the batch's sums are complete
+    if (tid < bend - bstart) {
+      const int flat = s_id[tid];
+      const int64_t g = int64_t(b) * p.N + (flat - img_base);
+      const float* sg = s_grad + tid * kGeo;
+      float* dst[kGeo] = {v_means2d + 2 * int64_t(flat), v_means2d + 2 * int64_t(flat) + 1,
+                          v_conics + 3 * int64_t(flat), v_conics + 3 * int64_t(flat) + 1,
+                          v_conics + 3 * int64_t(flat) + 2, v_opac + g, v_depths + flat};
+#pragma unroll
+      for (int k = 0; k < kGeo; ++k)
+        if (sg[k] != 0.f) atomicAdd(dst[k], sg[k]);
+      if (kSharedColor) {
         float* vc = v_colors + (per_set_colors ? g : int64_t(flat)) * p.D + ch_off;
 #pragma unroll
         for (int c = 0; c < MAXD; ++c)
-          if (c < nch) atomicAdd(vc + c, vcol[c]);
+          if (c < nch && s_gcol[tid * MAXD + c] != 0.f) atomicAdd(vc + c, s_gcol[tid * MAXD + c]);
       }
     }
   }
@@ -580,77 +622,63 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
   at::Tensor offsets = at::empty({BCN}, iopts);
 
   if (N > 0) {
-    at::Tensor tile_rect = at::empty({BCN, 4}, iopts);
-    at::Tensor tile_counts = at::empty({BCN}, iopts);
-    at::Tensor depth_keys = at::empty({BCN}, fopts.dtype(at::kLong));
-    at::Tensor depth_vals = at::empty({BCN}, iopts);
+    // Scratch in three allocations (host time matters at avatar sizes): int32 work arrays, the 64-bit depth
+    // keys, and one cub temp buffer sized for the largest of its three calls.
+    //   tile_rect [BCN, 4] | tile_counts | depth_vals | counts_sorted [BCN] | keys | vals | keys_sorted [capacity]
+    at::Tensor iscratch = at::empty({7 * BCN + 3 * capacity}, iopts);
+    int32_t* ip = iscratch.data_ptr<int32_t>();
+    int4* tile_rect = reinterpret_cast<int4*>(ip);  // offset 0: 16-byte aligned
+    int32_t* tile_counts = ip + 4 * BCN;
+    int32_t* depth_vals = ip + 5 * BCN;
+    int32_t* counts_sorted = ip + 6 * BCN;
+    uint32_t* keys = reinterpret_cast<uint32_t*>(ip + 7 * BCN);
+    int32_t* vals = ip + 7 * BCN + capacity;
+    uint32_t* keys_sorted = reinterpret_cast<uint32_t*>(ip + 7 * BCN + 2 * capacity);
+    at::Tensor kscratch = at::empty({2 * BCN}, fopts.dtype(at::kLong));
+    uint64_t* depth_keys = reinterpret_cast<uint64_t*>(kscratch.data_ptr<int64_t>());
+    uint64_t* depth_keys_sorted = depth_keys + BCN;
+    int32_t* sorted_ptr = sorted_ids.data_ptr<int32_t>();
+    int32_t* offsets_ptr = offsets.data_ptr<int32_t>();
+    const uint32_t sentinel = uint32_t(BC * tiles);
+    const int depth_end_bit = 32 + bits_for(uint64_t(BC - 1));
+    const int tile_end_bit = bits_for(uint64_t(sentinel));
+    size_t bytes_depth = 0, bytes_scan = 0, bytes_tile = 0;
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes_depth, depth_keys, depth_keys_sorted, depth_vals,
+                                                   sorted_ptr, int(BCN), 0, depth_end_bit, stream));
+    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, bytes_scan, counts_sorted, offsets_ptr, int(BCN), stream));
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes_tile, keys, keys_sorted, vals,
+                                                   isect_ids.data_ptr<int32_t>(), int(capacity), 0, tile_end_bit,
+                                                   stream));
+    size_t temp_bytes = std::max(bytes_depth, std::max(bytes_scan, bytes_tile));
+    at::Tensor temp = at::empty({int64_t(temp_bytes) + 1}, fopts.dtype(at::kByte));
+
     project_kernel<<<blocks_for(BCN), 256, 0, stream>>>(
         p, means.data_ptr<float>(), quats.data_ptr<float>(), scales.data_ptr<float>(), opacities.data_ptr<float>(),
         colors.data_ptr<float>(), viewmats.data_ptr<float>(), Ks.data_ptr<float>(), radii.data_ptr<int32_t>(),
         reinterpret_cast<float2*>(means2d.data_ptr<float>()), conics.data_ptr<float>(),
-        colors_eval.data_ptr<float>(), depths.data_ptr<float>(), reinterpret_cast<int4*>(tile_rect.data_ptr<int32_t>()),
-        tile_counts.data_ptr<int32_t>(), reinterpret_cast<uint64_t*>(depth_keys.data_ptr<int64_t>()),
-        depth_vals.data_ptr<int32_t>());
+        colors_eval.data_ptr<float>(), depths.data_ptr<float>(), tile_rect, tile_counts, depth_keys, depth_vals);
     FA_CUDA_CHECK_LAUNCH();
-
     // 1. Depth sort per image: key = image << 32 | depth bits.
-    {
-      at::Tensor keys_out = at::empty_like(depth_keys);
-      const int end_bit = 32 + bits_for(uint64_t(BC - 1));
-      size_t temp_bytes = 0;
-      auto* kin = reinterpret_cast<uint64_t*>(depth_keys.data_ptr<int64_t>());
-      auto* kout = reinterpret_cast<uint64_t*>(keys_out.data_ptr<int64_t>());
-      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, kin, kout, depth_vals.data_ptr<int32_t>(),
-                                                     sorted_ids.data_ptr<int32_t>(), int(BCN), 0, end_bit, stream));
-      at::Tensor temp = at::empty({int64_t(temp_bytes) + 1}, fopts.dtype(at::kByte));
-      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), temp_bytes, kin, kout,
-                                                     depth_vals.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(),
-                                                     int(BCN), 0, end_bit, stream));
-    }
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), bytes_depth, depth_keys, depth_keys_sorted,
+                                                   depth_vals, sorted_ptr, int(BCN), 0, depth_end_bit, stream));
     // 2. Tile counts in depth order -> inclusive offsets.
-    at::Tensor counts_sorted = at::empty({BCN}, iopts);
-    gather_counts_kernel<<<blocks_for(BCN), 256, 0, stream>>>(BCN, int(N), sorted_ids.data_ptr<int32_t>(),
-                                                               tile_counts.data_ptr<int32_t>(),
-                                                               counts_sorted.data_ptr<int32_t>());
+    gather_counts_kernel<<<blocks_for(BCN), 256, 0, stream>>>(BCN, int(N), sorted_ptr, tile_counts, counts_sorted);
     FA_CUDA_CHECK_LAUNCH();
-    {
-      size_t temp_bytes = 0;
-      C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, temp_bytes, counts_sorted.data_ptr<int32_t>(),
-                                                   offsets.data_ptr<int32_t>(), int(BCN), stream));
-      at::Tensor temp = at::empty({int64_t(temp_bytes) + 1}, fopts.dtype(at::kByte));
-      C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp.data_ptr(), temp_bytes, counts_sorted.data_ptr<int32_t>(),
-                                                   offsets.data_ptr<int32_t>(), int(BCN), stream));
-    }
+    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp.data_ptr(), bytes_scan, counts_sorted, offsets_ptr, int(BCN),
+                                                 stream));
     // 3. Emit tile keys (depth order) into the fixed-capacity buffer; pad the rest with the sentinel.
-    const uint32_t sentinel = uint32_t(BC * tiles);
-    at::Tensor keys = at::empty({capacity}, iopts);
-    at::Tensor vals = at::empty({capacity}, iopts);
-    auto* keys_ptr = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
-    emit_kernel<<<blocks_for(BCN), 256, 0, stream>>>(p, BCN, sorted_ids.data_ptr<int32_t>(),
-                                                      offsets.data_ptr<int32_t>(), counts_sorted.data_ptr<int32_t>(),
-                                                      reinterpret_cast<const int4*>(tile_rect.data_ptr<int32_t>()),
+    emit_kernel<<<blocks_for(BCN), 256, 0, stream>>>(p, BCN, sorted_ptr, offsets_ptr, counts_sorted, tile_rect,
                                                       reinterpret_cast<const float2*>(means2d.data_ptr<float>()),
-                                                      conics.data_ptr<float>(), opacities.data_ptr<float>(), keys_ptr,
-                                                      vals.data_ptr<int32_t>());
+                                                      conics.data_ptr<float>(), opacities.data_ptr<float>(), keys,
+                                                      vals);
     FA_CUDA_CHECK_LAUNCH();
-    pad_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), offsets.data_ptr<int32_t>(), BCN, sentinel,
-                                                          keys_ptr, vals.data_ptr<int32_t>());
+    pad_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), offsets_ptr, BCN, sentinel, keys, vals);
     FA_CUDA_CHECK_LAUNCH();
     // 4. Stable sort on the tile key only (depth order within a tile is kept).
-    at::Tensor keys_sorted = at::empty({capacity}, iopts);
-    auto* ks_ptr = reinterpret_cast<uint32_t*>(keys_sorted.data_ptr<int32_t>());
-    {
-      const int end_bit = bits_for(uint64_t(sentinel));
-      size_t temp_bytes = 0;
-      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_ptr, ks_ptr, vals.data_ptr<int32_t>(),
-                                                     isect_ids.data_ptr<int32_t>(), int(capacity), 0, end_bit,
-                                                     stream));
-      at::Tensor temp = at::empty({int64_t(temp_bytes) + 1}, fopts.dtype(at::kByte));
-      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), temp_bytes, keys_ptr, ks_ptr,
-                                                     vals.data_ptr<int32_t>(), isect_ids.data_ptr<int32_t>(),
-                                                     int(capacity), 0, end_bit, stream));
-    }
-    tile_ranges_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), sentinel, ks_ptr,
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), bytes_tile, keys, keys_sorted, vals,
+                                                   isect_ids.data_ptr<int32_t>(), int(capacity), 0, tile_end_bit,
+                                                   stream));
+    tile_ranges_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), sentinel, keys_sorted,
                                                                   reinterpret_cast<int2*>(ranges.data_ptr<int32_t>()));
     FA_CUDA_CHECK_LAUNCH();
   } else {

@@ -111,7 +111,8 @@ class _Capacity:
     def __init__(self, initial: int):
         self.value = initial
         self.pinned: Tensor | None = None
-        self.event: Any = None
+        self.event: Any = None  # set while a read-back is pending
+        self._event: Any = None
 
     def update(self) -> None:
         # Only read the need back once its copy has landed (event.query() does not block).
@@ -129,8 +130,10 @@ class _Capacity:
         if self.pinned is None:
             self.pinned = torch.empty(1, dtype=torch.int32, pin_memory=True)
         self.pinned.copy_(offsets[-1:], non_blocking=True)  # total intersections wanted
-        self.event = torch.cuda.Event()
-        self.event.record()
+        if self._event is None:
+            self._event = torch.cuda.Event()  # one event, re-recorded: query() reports the latest copy
+        self._event.record()
+        self.event = self._event
 
 
 _capacities: dict[tuple, _Capacity] = {}
