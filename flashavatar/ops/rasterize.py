@@ -222,6 +222,8 @@ def rasterize_gaussians(
         eps2d: low-pass filter added to the 2D covariance diagonal (pixels^2).
         backgrounds: ``[..., C, D]`` colour behind the Gaussians (default: none, i.e. black).
         near_plane, far_plane: gsplat's names for near and far (take precedence when given).
+        CUDA graphs: call once outside capture first (per scene size) so the intersection capacity settles;
+            a capacity that turns out too small inside a graph still renders correctly (slower fallback).
         check_finite: raise on NaN/inf inputs. This costs one device-to-host read on CUDA; it is skipped
             automatically while a CUDA graph is being captured (pass False for a fully asynchronous call).
 
