@@ -85,6 +85,18 @@ def gsplat_fns(args, cot):
     return fwd, fwd_bwd
 
 
+def host_time_us(fn, calls=20) -> float:
+    """CPU time to issue one call (launch-bound when it exceeds the GPU time)."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / calls * 1e6
+
+
 def graph_fn(fn):
     """Capture fn once and return a replay function."""
     s = torch.cuda.Stream()
@@ -154,10 +166,13 @@ def main():
             if n_cams == 1 and n <= 50_000:
                 row["ours_fwd_graph_ms"] = time_cuda(graph_fn(fwd), reps=reps)
                 row["ours_fwd_bwd_graph_ms"] = time_cuda(graph_fn(fwd_bwd), reps=reps)
+            row["ours_host_fwd_us"] = host_time_us(fwd)
+            row["ours_host_fwd_bwd_us"] = host_time_us(fwd_bwd)
             r_ours = fwd()[0]
             row["ours_alpha_mean"] = fwd()[1].mean().item()
             if have_gsplat:
                 gfwd, gfwd_bwd = gsplat_fns(args, cot)
+                row["gsplat_host_fwd_us"] = host_time_us(gfwd)
                 row["gsplat_fwd_ms"] = time_cuda(gfwd, reps=reps)
                 row["gsplat_fwd_bwd_ms"] = time_cuda(gfwd_bwd, reps=reps)
                 row["psnr_vs_gsplat_db"] = psnr(r_ours, gfwd()[0])
@@ -186,6 +201,9 @@ def main():
               f"{f(r, 'speedup_fwd_bwd', '{:.2f}'):>5} | {f(r, 'ours_fwd_graph_ms'):>9} "
               f"{f(r, 'ours_fwd_bwd_graph_ms'):>9} | {f(r, 'psnr_vs_gsplat_db', '{:.1f}'):>7}")
     print("(ms, median of CUDA-event timings; x = gsplat time / ours)")
+    print("host time per call (us): " + ", ".join(
+        f"{r['gaussians'] // 1000}k/{r['cameras']}: fwd {r['ours_host_fwd_us']:.0f} f+b {r['ours_host_fwd_bwd_us']:.0f}"
+        + (f" (gsplat fwd {r['gsplat_host_fwd_us']:.0f})" if "gsplat_host_fwd_us" in r else "") for r in rows))
     for name, table in breakdown.items():
         print(f"\nper-kernel, {name} (us per iteration):")
         for e in table:

@@ -25,7 +25,7 @@ TORCH_LIBRARY(flashavatar, m) {
       "float far_plane, float eps2d, Tensor alpha, Tensor radii, Tensor means2d, Tensor conics, "
       "Tensor colors_eval, Tensor depths, Tensor last_ids, Tensor transmittance, Tensor sorted_ids, "
       "Tensor isect_ids, "
-      "Tensor tile_ranges, Tensor offsets, Tensor grad_render, Tensor grad_alpha, Tensor grad_depth) "
+      "Tensor tile_ranges, Tensor offsets, Tensor grad_render, Tensor? grad_alpha, Tensor? grad_depth) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- emd schemas ----
   m.def("gaussian_w2(Tensor mu0, Tensor cov0, Tensor mu1, Tensor cov1) -> Tensor");

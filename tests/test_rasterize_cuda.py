@@ -167,8 +167,10 @@ def test_cuda_graph_capture_and_replay():
         graph.replay()
         torch.cuda.synchronize()
         eager = step()
-        for x, y in zip(captured, eager):
-            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+        for x, y in zip(captured[:3], eager[:3]):  # images: same kernels, same inputs
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        # Gradients: equal up to the summation order of the atomics (amplified by cancellation in quats).
+        _assert_grads_close(captured[3:], eager[3:], NAMES[:5], tol=1e-4)
         assert captured[1].max() > 0.5
 
 

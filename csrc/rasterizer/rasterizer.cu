@@ -114,7 +114,13 @@ __global__ void project_kernel(Params p, const float* __restrict__ means,  // [B
   const int4 r = make_int4(pr.rect.x0 / kTileSize, pr.rect.y0 / kTileSize, pr.rect.x1 / kTileSize,
                            pr.rect.y1 / kTileSize);
   tile_rect[idx] = r;
-  tile_counts[idx] = (r.z - r.x + 1) * (r.w - r.y + 1);
+  // Exact ellipse-tile test: only tiles where alpha can reach 1/255 somewhere (fewer entries to sort and
+  // blend than the bounding box; the image is the same).
+  int count = 0;
+  for (int ty = r.y; ty <= r.w; ++ty)
+    for (int tx = r.x; tx <= r.z; ++tx)
+      count += raster::gaussian_hits_tile(pr.mx, pr.my, pr.conic, opac[g], tx, ty, kTileSize, p.W, p.H);
+  tile_counts[idx] = count;
   // depth >= near > 0, so the float's bits order like the float.
   depth_keys[idx] = (uint64_t(img) << 32) | uint64_t(__float_as_uint(pr.depth));
   float* out = colors_eval + idx * p.D;
@@ -140,7 +146,9 @@ __global__ void gather_counts_kernel(int64_t total, int N, const int32_t* __rest
 __global__ void emit_kernel(Params p, int64_t total, const int32_t* __restrict__ sorted_ids,
                             const int32_t* __restrict__ offsets,  // inclusive, depth order
                             const int32_t* __restrict__ counts_sorted, const int4* __restrict__ tile_rect,
-                            uint32_t* __restrict__ keys, int32_t* __restrict__ vals) {
+                            const float2* __restrict__ means2d, const float* __restrict__ conics,
+                            const float* __restrict__ opac, uint32_t* __restrict__ keys,
+                            int32_t* __restrict__ vals) {
   const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s >= total) return;
   const int cnt = counts_sorted[s];
@@ -151,8 +159,12 @@ __global__ void emit_kernel(Params p, int64_t total, const int32_t* __restrict__
   if (pos >= p.capacity) return;  // overflow: this image is rendered by the fallback path
   const int4 r = tile_rect[flat];
   const uint32_t base = uint32_t(img) * uint32_t(p.tiles_x * p.tiles_y);
+  const float2 m = means2d[flat];
+  const Sym2<float> conic{conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]};
+  const float o = opac[int64_t(img / p.C) * p.N + sorted_ids[s]];
   for (int ty = r.y; ty <= r.w; ++ty)
     for (int tx = r.x; tx <= r.z; ++tx) {
+      if (!raster::gaussian_hits_tile(m.x, m.y, conic, o, tx, ty, kTileSize, p.W, p.H)) continue;
       if (pos >= p.capacity) return;
       keys[pos] = base + uint32_t(ty * p.tiles_x + tx);
       vals[pos] = int32_t(flat);
@@ -231,9 +243,11 @@ __global__ void __launch_bounds__(kBlock)
                       float* __restrict__ render,                                        // [B*C, H, W, D]
                       float* __restrict__ alpha_out, float* __restrict__ depth_out,     // [B*C, H, W]
                       int32_t* __restrict__ last_ids, float* __restrict__ trans_out) {  // [B*C, H, W]
-  __shared__ int s_id[kBlock];
+  // The batch of Gaussians, staged in shared memory: geometry, depth and this chunk's colour channels.
   __shared__ float3 s_xyo[kBlock];
   __shared__ float3 s_con[kBlock];
+  __shared__ float s_z[kBlock];
+  __shared__ float s_col[kBlock * MAXD];
   const int img = blockIdx.z;
   const int tile = blockIdx.y * p.tiles_x + blockIdx.x;
   const int tid = threadIdx.y * kTileSize + threadIdx.x;
@@ -255,9 +269,13 @@ __global__ void __launch_bounds__(kBlock)
       float o;
       const int flat = list_entry(p, l, img, i, sorted_ids, isect, radii, opac, o);
       const float2 m = means2d[flat];
-      s_id[tid] = flat;
       s_xyo[tid] = make_float3(m.x, m.y, o);
       s_con[tid] = make_float3(conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]);
+      s_z[tid] = depths[flat];
+      const float* cp = colors_eval + int64_t(flat) * p.D + ch_off;
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < nch) s_col[tid * MAXD + c] = cp[c];
     }
     __syncthreads();
     const int nb = min(kBlock, l.count - base);
@@ -273,12 +291,10 @@ __global__ void __launch_bounds__(kBlock)
         break;
       }
       const float w = a * T;
-      const int flat = s_id[j];
-      const float* cp = colors_eval + int64_t(flat) * p.D + ch_off;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
-        if (c < nch) acc[c] += w * __ldg(cp + c);
-      accz += w * __ldg(depths + flat);
+        if (c < nch) acc[c] += w * s_col[j * MAXD + c];
+      accz += w * s_z[j];
       T = next;
       last = base + j + 1;
     }
@@ -323,6 +339,16 @@ __global__ void __launch_bounds__(kBlock)
   __shared__ int s_id[kBlock];
   __shared__ float3 s_xyo[kBlock];
   __shared__ float3 s_con[kBlock];
+  __shared__ float s_z[kBlock];
+  __shared__ float s_col[kBlock * MAXD];
+  // Per-batch gradient sums of the block (shared atomics), flushed to global memory once per block and
+  // Gaussian: 8x fewer global atomics than one per warp. Geometry: mx, my, conic a, b, c, opacity, depth.
+  // Colours go through shared memory too when few (MAXD <= 4); wider chunks keep per-warp global atomics
+  // (shared memory would exceed 48 KB).
+  constexpr int kGeo = 7;  // odd stride: conflict-free flush
+  constexpr bool kSharedColor = MAXD <= 4;
+  __shared__ float s_grad[kBlock * kGeo];
+  __shared__ float s_gcol[kSharedColor ? kBlock * MAXD : 1];
   __shared__ int s_max_last;
   const int img = blockIdx.z;
   const int tile = blockIdx.y * p.tiles_x + blockIdx.x;
@@ -345,8 +371,8 @@ __global__ void __launch_bounds__(kBlock)
     gC[c] = (inside && c < nch) ? g_render[pix * p.D + ch_off + c] : 0.f;
     acc[c] = (bgi && c < nch) ? t_final * bgi[c] : 0.f;
   }
-  const float gA = (inside && ch_off == 0) ? g_alpha[pix] : 0.f;
-  const float gD = (inside && ch_off == 0) ? g_depth[pix] : 0.f;
+  const float gA = (inside && ch_off == 0 && g_alpha) ? g_alpha[pix] : 0.f;  // null: no gradient
+  const float gD = (inside && ch_off == 0 && g_depth) ? g_depth[pix] : 0.f;
   float acc_z = 0.f, T = t_final;
 
   if (tid == 0) s_max_last = 0;
@@ -354,6 +380,8 @@ __global__ void __launch_bounds__(kBlock)
   atomicMax(&s_max_last, last);
   __syncthreads();
   const int end = s_max_last;
+  const int warp_last = __reduce_max_sync(0xffffffffu, last);  // entries past it touch no pixel of the warp
+  const bool has_gd = g_depth != nullptr;
 
   for (int bend = end; bend > 0; bend -= kBlock) {
     const int bstart = max(0, bend - kBlock);
@@ -366,10 +394,22 @@ __global__ void __launch_bounds__(kBlock)
       s_id[tid] = flat;
       s_xyo[tid] = make_float3(m.x, m.y, o);
       s_con[tid] = make_float3(conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]);
+      s_z[tid] = depths[flat];
+      const float* cp = colors_eval + int64_t(flat) * p.D + ch_off;
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < nch) s_col[tid * MAXD + c] = cp[c];
+    }
+#pragma unroll
+    for (int k = 0; k < kGeo; ++k) s_grad[tid * kGeo + k] = 0.f;
+    if (kSharedColor) {
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c) s_gcol[tid * MAXD + c] = 0.f;
     }
     __syncthreads();
     for (int j = bend - bstart - 1; j >= 0; --j) {
       const int idx = bstart + j;
+      if (idx >= warp_last) continue;  // uniform over the warp
       const float3 xyo = s_xyo[j];
       const float3 co = s_con[j];
       const int flat = s_id[j];
@@ -389,17 +429,16 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
       for (int c = 0; c < MAXD; ++c) vcol[c] = 0.f;
       if (valid) {
-        const float one_m = 1.f - a;
-        const float ti = T / one_m;  // transmittance in front of this Gaussian
+        const float ra = 1.f / (1.f - a);  // one division, then products
+        const float ti = T * ra;           // transmittance in front of this Gaussian
         const float w = a * ti;
-        const float z = __ldg(depths + flat);
-        float ga = gA * t_final / one_m + gD * (z * ti - acc_z / one_m);
-        const float* cp = colors_eval + int64_t(flat) * p.D + ch_off;
+        const float z = s_z[j];
+        float ga = gA * t_final * ra + gD * (z * ti - acc_z * ra);
 #pragma unroll
         for (int c = 0; c < MAXD; ++c)
           if (c < nch) {
-            const float cv = __ldg(cp + c);
-            ga += gC[c] * (cv * ti - acc[c] / one_m);
+            const float cv = s_col[j * MAXD + c];
+            ga += gC[c] * (cv * ti - acc[c] * ra);
             vcol[c] = gC[c] * w;
             acc[c] += cv * w;
           }
@@ -415,23 +454,48 @@ __global__ void __launch_bounds__(kBlock)
       vcon.b = warp_sum(vcon.b);
       vcon.c = warp_sum(vcon.c);
       vop = warp_sum(vop);
-      vz = warp_sum(vz);
+      if (has_gd) vz = warp_sum(vz);  // uniform branch
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < nch) vcol[c] = warp_sum(vcol[c]);
       if (lane == 0) {
-        const int64_t g = int64_t(b) * p.N + (flat - img_base);
-        atomicAdd(v_means2d + 2 * int64_t(flat), vmx);
-        atomicAdd(v_means2d + 2 * int64_t(flat) + 1, vmy);
-        atomicAdd(v_conics + 3 * int64_t(flat), vcon.a);
-        atomicAdd(v_conics + 3 * int64_t(flat) + 1, vcon.b);
-        atomicAdd(v_conics + 3 * int64_t(flat) + 2, vcon.c);
-        atomicAdd(v_opac + g, vop);
-        atomicAdd(v_depths + flat, vz);
+        float* sg = s_grad + j * kGeo;
+        atomicAdd(sg + 0, vmx);
+        atomicAdd(sg + 1, vmy);
+        atomicAdd(sg + 2, vcon.a);
+        atomicAdd(sg + 3, vcon.b);
+        atomicAdd(sg + 4, vcon.c);
+        atomicAdd(sg + 5, vop);
+        if (has_gd) atomicAdd(sg + 6, vz);
+        if (kSharedColor) {
+#pragma unroll
+          for (int c = 0; c < MAXD; ++c)
+            if (c < nch) atomicAdd(s_gcol + j * MAXD + c, vcol[c]);
+        } else {
+          const int64_t g = int64_t(b) * p.N + (flat - img_base);
+          float* vc = v_colors + (per_set_colors ? g : int64_t(flat)) * p.D + ch_off;
+#pragma unroll
+          for (int c = 0; c < MAXD; ++c)
+            if (c < nch) atomicAdd(vc + c, vcol[c]);
+        }
+      }
+    }
+    __syncthreads();  // the batch's sums are complete
+    if (tid < bend - bstart) {
+      const int flat = s_id[tid];
+      const int64_t g = int64_t(b) * p.N + (flat - img_base);
+      const float* sg = s_grad + tid * kGeo;
+      float* dst[kGeo] = {v_means2d + 2 * int64_t(flat), v_means2d + 2 * int64_t(flat) + 1,
+                          v_conics + 3 * int64_t(flat), v_conics + 3 * int64_t(flat) + 1,
+                          v_conics + 3 * int64_t(flat) + 2, v_opac + g, v_depths + flat};
+#pragma unroll
+      for (int k = 0; k < kGeo; ++k)
+        if (sg[k] != 0.f) atomicAdd(dst[k], sg[k]);
+      if (kSharedColor) {
         float* vc = v_colors + (per_set_colors ? g : int64_t(flat)) * p.D + ch_off;
 #pragma unroll
         for (int c = 0; c < MAXD; ++c)
-          if (c < nch) atomicAdd(vc + c, vcol[c]);
+          if (c < nch && s_gcol[tid * MAXD + c] != 0.f) atomicAdd(vc + c, s_gcol[tid * MAXD + c]);
       }
     }
   }
@@ -558,75 +622,63 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
   at::Tensor offsets = at::empty({BCN}, iopts);
 
   if (N > 0) {
-    at::Tensor tile_rect = at::empty({BCN, 4}, iopts);
-    at::Tensor tile_counts = at::empty({BCN}, iopts);
-    at::Tensor depth_keys = at::empty({BCN}, fopts.dtype(at::kLong));
-    at::Tensor depth_vals = at::empty({BCN}, iopts);
+    // Scratch in three allocations (host time matters at avatar sizes): int32 work arrays, the 64-bit depth
+    // keys, and one cub temp buffer sized for the largest of its three calls.
+    //   tile_rect [BCN, 4] | tile_counts | depth_vals | counts_sorted [BCN] | keys | vals | keys_sorted [capacity]
+    at::Tensor iscratch = at::empty({7 * BCN + 3 * capacity}, iopts);
+    int32_t* ip = iscratch.data_ptr<int32_t>();
+    int4* tile_rect = reinterpret_cast<int4*>(ip);  // offset 0: 16-byte aligned
+    int32_t* tile_counts = ip + 4 * BCN;
+    int32_t* depth_vals = ip + 5 * BCN;
+    int32_t* counts_sorted = ip + 6 * BCN;
+    uint32_t* keys = reinterpret_cast<uint32_t*>(ip + 7 * BCN);
+    int32_t* vals = ip + 7 * BCN + capacity;
+    uint32_t* keys_sorted = reinterpret_cast<uint32_t*>(ip + 7 * BCN + 2 * capacity);
+    at::Tensor kscratch = at::empty({2 * BCN}, fopts.dtype(at::kLong));
+    uint64_t* depth_keys = reinterpret_cast<uint64_t*>(kscratch.data_ptr<int64_t>());
+    uint64_t* depth_keys_sorted = depth_keys + BCN;
+    int32_t* sorted_ptr = sorted_ids.data_ptr<int32_t>();
+    int32_t* offsets_ptr = offsets.data_ptr<int32_t>();
+    const uint32_t sentinel = uint32_t(BC * tiles);
+    const int depth_end_bit = 32 + bits_for(uint64_t(BC - 1));
+    const int tile_end_bit = bits_for(uint64_t(sentinel));
+    size_t bytes_depth = 0, bytes_scan = 0, bytes_tile = 0;
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes_depth, depth_keys, depth_keys_sorted, depth_vals,
+                                                   sorted_ptr, int(BCN), 0, depth_end_bit, stream));
+    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, bytes_scan, counts_sorted, offsets_ptr, int(BCN), stream));
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes_tile, keys, keys_sorted, vals,
+                                                   isect_ids.data_ptr<int32_t>(), int(capacity), 0, tile_end_bit,
+                                                   stream));
+    size_t temp_bytes = std::max(bytes_depth, std::max(bytes_scan, bytes_tile));
+    at::Tensor temp = at::empty({int64_t(temp_bytes) + 1}, fopts.dtype(at::kByte));
+
     project_kernel<<<blocks_for(BCN), 256, 0, stream>>>(
         p, means.data_ptr<float>(), quats.data_ptr<float>(), scales.data_ptr<float>(), opacities.data_ptr<float>(),
         colors.data_ptr<float>(), viewmats.data_ptr<float>(), Ks.data_ptr<float>(), radii.data_ptr<int32_t>(),
         reinterpret_cast<float2*>(means2d.data_ptr<float>()), conics.data_ptr<float>(),
-        colors_eval.data_ptr<float>(), depths.data_ptr<float>(), reinterpret_cast<int4*>(tile_rect.data_ptr<int32_t>()),
-        tile_counts.data_ptr<int32_t>(), reinterpret_cast<uint64_t*>(depth_keys.data_ptr<int64_t>()),
-        depth_vals.data_ptr<int32_t>());
+        colors_eval.data_ptr<float>(), depths.data_ptr<float>(), tile_rect, tile_counts, depth_keys, depth_vals);
     FA_CUDA_CHECK_LAUNCH();
-
     // 1. Depth sort per image: key = image << 32 | depth bits.
-    {
-      at::Tensor keys_out = at::empty_like(depth_keys);
-      const int end_bit = 32 + bits_for(uint64_t(BC - 1));
-      size_t temp_bytes = 0;
-      auto* kin = reinterpret_cast<uint64_t*>(depth_keys.data_ptr<int64_t>());
-      auto* kout = reinterpret_cast<uint64_t*>(keys_out.data_ptr<int64_t>());
-      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, kin, kout, depth_vals.data_ptr<int32_t>(),
-                                                     sorted_ids.data_ptr<int32_t>(), int(BCN), 0, end_bit, stream));
-      at::Tensor temp = at::empty({int64_t(temp_bytes) + 1}, fopts.dtype(at::kByte));
-      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), temp_bytes, kin, kout,
-                                                     depth_vals.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(),
-                                                     int(BCN), 0, end_bit, stream));
-    }
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), bytes_depth, depth_keys, depth_keys_sorted,
+                                                   depth_vals, sorted_ptr, int(BCN), 0, depth_end_bit, stream));
     // 2. Tile counts in depth order -> inclusive offsets.
-    at::Tensor counts_sorted = at::empty({BCN}, iopts);
-    gather_counts_kernel<<<blocks_for(BCN), 256, 0, stream>>>(BCN, int(N), sorted_ids.data_ptr<int32_t>(),
-                                                               tile_counts.data_ptr<int32_t>(),
-                                                               counts_sorted.data_ptr<int32_t>());
+    gather_counts_kernel<<<blocks_for(BCN), 256, 0, stream>>>(BCN, int(N), sorted_ptr, tile_counts, counts_sorted);
     FA_CUDA_CHECK_LAUNCH();
-    {
-      size_t temp_bytes = 0;
-      C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, temp_bytes, counts_sorted.data_ptr<int32_t>(),
-                                                   offsets.data_ptr<int32_t>(), int(BCN), stream));
-      at::Tensor temp = at::empty({int64_t(temp_bytes) + 1}, fopts.dtype(at::kByte));
-      C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp.data_ptr(), temp_bytes, counts_sorted.data_ptr<int32_t>(),
-                                                   offsets.data_ptr<int32_t>(), int(BCN), stream));
-    }
+    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp.data_ptr(), bytes_scan, counts_sorted, offsets_ptr, int(BCN),
+                                                 stream));
     // 3. Emit tile keys (depth order) into the fixed-capacity buffer; pad the rest with the sentinel.
-    const uint32_t sentinel = uint32_t(BC * tiles);
-    at::Tensor keys = at::empty({capacity}, iopts);
-    at::Tensor vals = at::empty({capacity}, iopts);
-    auto* keys_ptr = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
-    emit_kernel<<<blocks_for(BCN), 256, 0, stream>>>(p, BCN, sorted_ids.data_ptr<int32_t>(),
-                                                      offsets.data_ptr<int32_t>(), counts_sorted.data_ptr<int32_t>(),
-                                                      reinterpret_cast<const int4*>(tile_rect.data_ptr<int32_t>()),
-                                                      keys_ptr, vals.data_ptr<int32_t>());
+    emit_kernel<<<blocks_for(BCN), 256, 0, stream>>>(p, BCN, sorted_ptr, offsets_ptr, counts_sorted, tile_rect,
+                                                      reinterpret_cast<const float2*>(means2d.data_ptr<float>()),
+                                                      conics.data_ptr<float>(), opacities.data_ptr<float>(), keys,
+                                                      vals);
     FA_CUDA_CHECK_LAUNCH();
-    pad_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), offsets.data_ptr<int32_t>(), BCN, sentinel,
-                                                          keys_ptr, vals.data_ptr<int32_t>());
+    pad_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), offsets_ptr, BCN, sentinel, keys, vals);
     FA_CUDA_CHECK_LAUNCH();
     // 4. Stable sort on the tile key only (depth order within a tile is kept).
-    at::Tensor keys_sorted = at::empty({capacity}, iopts);
-    auto* ks_ptr = reinterpret_cast<uint32_t*>(keys_sorted.data_ptr<int32_t>());
-    {
-      const int end_bit = bits_for(uint64_t(sentinel));
-      size_t temp_bytes = 0;
-      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_ptr, ks_ptr, vals.data_ptr<int32_t>(),
-                                                     isect_ids.data_ptr<int32_t>(), int(capacity), 0, end_bit,
-                                                     stream));
-      at::Tensor temp = at::empty({int64_t(temp_bytes) + 1}, fopts.dtype(at::kByte));
-      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), temp_bytes, keys_ptr, ks_ptr,
-                                                     vals.data_ptr<int32_t>(), isect_ids.data_ptr<int32_t>(),
-                                                     int(capacity), 0, end_bit, stream));
-    }
-    tile_ranges_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), sentinel, ks_ptr,
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), bytes_tile, keys, keys_sorted, vals,
+                                                   isect_ids.data_ptr<int32_t>(), int(capacity), 0, tile_end_bit,
+                                                   stream));
+    tile_ranges_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), sentinel, keys_sorted,
                                                                   reinterpret_cast<int2*>(ranges.data_ptr<int32_t>()));
     FA_CUDA_CHECK_LAUNCH();
   } else {
@@ -659,8 +711,8 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
                                 const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& transmittance,
                                 const at::Tensor& sorted_ids, const at::Tensor& isect_ids,
                                 const at::Tensor& tile_ranges, const at::Tensor& offsets,
-                                const at::Tensor& grad_render, const at::Tensor& grad_alpha,
-                                const at::Tensor& grad_depth) {
+                                const at::Tensor& grad_render, const c10::optional<at::Tensor>& grad_alpha,
+                                const c10::optional<at::Tensor>& grad_depth) {
   const char* op = "flashavatar::rasterize_bwd";
   const int64_t D = rasterize_check_inputs(op, means, quats, scales, opacities, colors, viewmats, Ks, backgrounds,
                                            width, height, sh_degree);
@@ -675,18 +727,27 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
   FA_CHECK(op, grad_render.sizes() == at::IntArrayRef({B, C, H, W, D}), "grad_render must have shape [", B, ", ",
            C, ", ", H, ", ", W, ", ", D, "], got ", sizes_str(grad_render));
   const at::Tensor gr = grad_render.to(at::kFloat).contiguous();
-  const at::Tensor ga = grad_alpha.to(at::kFloat).contiguous();
-  const at::Tensor gd = grad_depth.to(at::kFloat).contiguous();
+  auto optional_grad = [&](const c10::optional<at::Tensor>& g, const char* name) {
+    if (!g.has_value() || !g->defined()) return at::Tensor();  // kernel reads null as zero
+    FA_CHECK(op, g->sizes() == at::IntArrayRef({B, C, H, W, 1}), name, " must have shape [", B, ", ", C, ", ", H,
+             ", ", W, ", 1], got ", sizes_str(*g));
+    return g->to(at::kFloat).contiguous();
+  };
+  const at::Tensor ga = optional_grad(grad_alpha, "grad_alpha");
+  const at::Tensor gd = optional_grad(grad_depth, "grad_depth");
   at::Tensor d_means = at::zeros_like(means), d_quats = at::zeros_like(quats), d_scales = at::zeros_like(scales),
              d_opac = at::zeros_like(opacities), d_colors = at::zeros_like(colors);
   if (N == 0) return {d_means, d_quats, d_scales, d_opac, d_colors};
   const auto fopts = means.options();
-  at::Tensor v_means2d = at::zeros({BCN, 2}, fopts);
-  at::Tensor v_conics = at::zeros({BCN, 3}, fopts);
-  at::Tensor v_depths = at::zeros({BCN}, fopts);
   const bool sh = sh_degree >= 0;
+  // Per-image accumulators in one zero-filled buffer (one memset instead of four):
+  // v_means2d [BCN, 2], v_conics [BCN, 3], v_depths [BCN], and for SH v_colors [BCN, D].
+  at::Tensor scratch = at::zeros({BCN * (6 + (sh ? D : 0))}, fopts);
+  at::Tensor v_means2d = scratch.narrow(0, 0, 2 * BCN);
+  at::Tensor v_conics = scratch.narrow(0, 2 * BCN, 3 * BCN);
+  at::Tensor v_depths = scratch.narrow(0, 5 * BCN, BCN);
   // Plain colours: the blending kernel accumulates straight into d_colors [B, N, 1, D].
-  at::Tensor v_colors = sh ? at::zeros({BCN, D}, fopts) : d_colors;
+  at::Tensor v_colors = sh ? scratch.narrow(0, 6 * BCN, D * BCN) : d_colors;
   const bool has_bg = backgrounds.has_value() && backgrounds->defined();
   const float* bg_ptr = has_bg ? backgrounds->data_ptr<float>() : nullptr;
   const dim3 grid(p.tiles_x, p.tiles_y, unsigned(B * C)), block(kTileSize, kTileSize);
@@ -696,8 +757,8 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
         opacities.data_ptr<float>(), colors_eval.data_ptr<float>(), depths.data_ptr<float>(),
         radii.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(), isect_ids.data_ptr<int32_t>(),
         reinterpret_cast<const int2*>(tile_ranges.data_ptr<int32_t>()), offsets.data_ptr<int32_t>(), bg_ptr,
-        transmittance.data_ptr<float>(), last_ids.data_ptr<int32_t>(), gr.data_ptr<float>(), ga.data_ptr<float>(),
-        gd.data_ptr<float>(), v_means2d.data_ptr<float>(), v_conics.data_ptr<float>(), d_opac.data_ptr<float>(),
+        transmittance.data_ptr<float>(), last_ids.data_ptr<int32_t>(), gr.data_ptr<float>(),
+        ga.defined() ? ga.data_ptr<float>() : nullptr, gd.defined() ? gd.data_ptr<float>() : nullptr, v_means2d.data_ptr<float>(), v_conics.data_ptr<float>(), d_opac.data_ptr<float>(),
         v_depths.data_ptr<float>(), v_colors.data_ptr<float>());
     FA_CUDA_CHECK_LAUNCH();
   });

@@ -60,8 +60,8 @@ RasterBwdOut rasterize_bwd_cpu(const at::Tensor& means, const at::Tensor& quats,
                                const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& transmittance,
                                const at::Tensor& sorted_ids,
                                const at::Tensor& isect_ids, const at::Tensor& tile_ranges, const at::Tensor& offsets,
-                               const at::Tensor& grad_render, const at::Tensor& grad_alpha,
-                               const at::Tensor& grad_depth);
+                               const at::Tensor& grad_render, const c10::optional<at::Tensor>& grad_alpha,
+                               const c10::optional<at::Tensor>& grad_depth);
 
 #ifdef WITH_CUDA
 RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
@@ -79,7 +79,7 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
                                const at::Tensor& sorted_ids,
                                 const at::Tensor& isect_ids, const at::Tensor& tile_ranges,
                                 const at::Tensor& offsets, const at::Tensor& grad_render,
-                                const at::Tensor& grad_alpha, const at::Tensor& grad_depth);
+                                const c10::optional<at::Tensor>& grad_alpha, const c10::optional<at::Tensor>& grad_depth);
 #endif
 
 }  // namespace flashavatar

@@ -374,24 +374,29 @@ RasterBwdOut rasterize_bwd_cpu(const at::Tensor& means, const at::Tensor& quats,
                                const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& transmittance,
                                const at::Tensor& sorted_ids,
                                const at::Tensor& isect_ids, const at::Tensor& tile_ranges, const at::Tensor& offsets,
-                               const at::Tensor& grad_render, const at::Tensor& grad_alpha,
-                               const at::Tensor& grad_depth) {
+                               const at::Tensor& grad_render, const c10::optional<at::Tensor>& grad_alpha,
+                               const c10::optional<at::Tensor>& grad_depth) {
   const char* op = "flashavatar::rasterize_bwd";
   const int64_t D = rasterize_check_inputs(op, means, quats, scales, opacities, colors, viewmats, Ks, backgrounds,
                                            width, height, sh_degree);
   const int64_t B = means.size(0), C = viewmats.size(1), H = height, W = width;
   FA_CHECK(op, grad_render.sizes() == at::IntArrayRef({B, C, H, W, D}), "grad_render must have shape [", B, ", ",
            C, ", ", H, ", ", W, ", ", D, "], got ", sizes_str(grad_render));
-  FA_CHECK(op, grad_alpha.sizes() == at::IntArrayRef({B, C, H, W, 1}), "grad_alpha has shape ",
-           sizes_str(grad_alpha));
-  FA_CHECK(op, grad_depth.sizes() == at::IntArrayRef({B, C, H, W, 1}), "grad_depth has shape ",
-           sizes_str(grad_depth));
+  // Missing alpha/depth gradients (outputs not used) are zeros.
+  auto grad_or_zeros = [&](const c10::optional<at::Tensor>& g, const char* name) {
+    if (!g.has_value() || !g->defined()) return at::zeros({B, C, H, W, 1}, means.options());
+    FA_CHECK(op, g->sizes() == at::IntArrayRef({B, C, H, W, 1}), name, " must have shape [", B, ", ", C, ", ", H,
+             ", ", W, ", 1], got ", sizes_str(*g));
+    return *g;
+  };
+  const at::Tensor grad_alpha_t = grad_or_zeros(grad_alpha, "grad_alpha");
+  const at::Tensor grad_depth_t = grad_or_zeros(grad_depth, "grad_depth");
   // The CPU path recomputes projection and per-pixel lists; the saved forward state is not needed.
   (void)alpha, (void)radii, (void)means2d, (void)conics, (void)colors_eval, (void)depths, (void)last_ids, (void)transmittance;
   (void)sorted_ids, (void)isect_ids, (void)tile_ranges, (void)offsets;
   const at::Tensor gr = grad_render.to(means.scalar_type()).contiguous();
-  const at::Tensor ga = grad_alpha.to(means.scalar_type()).contiguous();
-  const at::Tensor gd = grad_depth.to(means.scalar_type()).contiguous();
+  const at::Tensor ga = grad_alpha_t.to(means.scalar_type()).contiguous();
+  const at::Tensor gd = grad_depth_t.to(means.scalar_type()).contiguous();
   at::Tensor d_means = at::zeros_like(means), d_quats = at::zeros_like(quats), d_scales = at::zeros_like(scales),
              d_opac = at::zeros_like(opacities), d_colors = at::zeros_like(colors);
   const bool has_bg = backgrounds.has_value() && backgrounds->defined();

@@ -61,6 +61,7 @@ def _setup_context(ctx, inputs, output):
                           conics, colors_eval, depths, last_ids, transmittance, sorted_ids, isect_ids, tile_ranges,
                           offsets)
     ctx.params = (width, height, sh_degree, near_plane, far_plane, eps2d)
+    ctx.set_materialize_grads(False)  # unused outputs arrive as None: no zero-filled gradient images
     # Only render, alpha and depth carry gradients; the rest is bookkeeping (means2d has no gradient).
     ctx.mark_non_differentiable(means2d, conics, colors_eval, depths, transmittance)
 
@@ -72,9 +73,10 @@ def _backward(ctx, g_render, g_alpha, g_depth, *unused):
     B, C, D = means.shape[0], viewmats.shape[1], colors.shape[3]
     shape = (B, C, height, width)
     g_render = means.new_zeros(shape + (D,)) if g_render is None else g_render.contiguous()
-    g_alpha = means.new_zeros(shape + (1,)) if g_alpha is None else g_alpha.contiguous()
-    g_depth = means.new_zeros(shape + (1,)) if g_depth is None else g_depth.contiguous()
-    d_means, d_quats, d_scales, d_opac, d_colors = torch.ops.flashavatar.rasterize_bwd(
+    # None = that output was not used: the kernels read it as zero without a zero-filled tensor.
+    g_alpha = None if g_alpha is None else g_alpha.contiguous()
+    g_depth = None if g_depth is None else g_depth.contiguous()
+    d_means, d_quats, d_scales, d_opac, d_colors = torch.ops.flashavatar.rasterize_bwd.default(
         means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height, sh_degree, near_plane,
         far_plane, eps2d, alpha, radii, means2d, conics, colors_eval, depths, last_ids, transmittance, sorted_ids,
         isect_ids, tile_ranges, offsets, g_render, g_alpha, g_depth)
@@ -109,7 +111,8 @@ class _Capacity:
     def __init__(self, initial: int):
         self.value = initial
         self.pinned: Tensor | None = None
-        self.event: Any = None
+        self.event: Any = None  # set while a read-back is pending
+        self._event: Any = None
 
     def update(self) -> None:
         # Only read the need back once its copy has landed (event.query() does not block).
@@ -127,8 +130,10 @@ class _Capacity:
         if self.pinned is None:
             self.pinned = torch.empty(1, dtype=torch.int32, pin_memory=True)
         self.pinned.copy_(offsets[-1:], non_blocking=True)  # total intersections wanted
-        self.event = torch.cuda.Event()
-        self.event.record()
+        if self._event is None:
+            self._event = torch.cuda.Event()  # one event, re-recorded: query() reports the latest copy
+        self._event.record()
+        self.event = self._event
 
 
 _capacities: dict[tuple, _Capacity] = {}
@@ -148,7 +153,8 @@ def _capacity_state(device: torch.device, images: int, n: int, width: int, heigh
 
 
 def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    # Only called for CUDA tensors, so CUDA is available.
+    return torch.cuda.is_current_stream_capturing()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,6 +222,8 @@ def rasterize_gaussians(
         eps2d: low-pass filter added to the 2D covariance diagonal (pixels^2).
         backgrounds: ``[..., C, D]`` colour behind the Gaussians (default: none, i.e. black).
         near_plane, far_plane: gsplat's names for near and far (take precedence when given).
+        CUDA graphs: call once outside capture first (per scene size) so the intersection capacity settles;
+            a capacity that turns out too small inside a graph still renders correctly (slower fallback).
         check_finite: raise on NaN/inf inputs. This costs one device-to-host read on CUDA; it is skipped
             automatically while a CUDA graph is being captured (pass False for a fully asynchronous call).
 
@@ -293,7 +301,12 @@ def rasterize_gaussians(
     B = math.prod(batch) if batch else 1
 
     def prep(t: Tensor, shape: tuple) -> Tensor:
-        return t.to(dtype).reshape(shape).contiguous()
+        # Each step only when needed: this wrapper's host time matters for small scenes.
+        if t.dtype != dtype:
+            t = t.to(dtype)
+        if t.shape != shape:
+            t = t.reshape(shape)
+        return t if t.is_contiguous() else t.contiguous()
 
     m = prep(means, (B, N, 3))
     q = prep(quats, (B, N, 4))
@@ -315,7 +328,7 @@ def rasterize_gaussians(
             cap_state.update()
         capacity = cap_state.value if _FORCE_CAPACITY is None else int(_FORCE_CAPACITY)
 
-    out = torch.ops.flashavatar.rasterize_fwd(m, q, s, o, col, vm, k, bg, width, height,
+    out = torch.ops.flashavatar.rasterize_fwd.default(m, q, s, o, col, vm, k, bg, width, height,
                                               -1 if sh_degree is None else int(sh_degree), float(near), float(far),
                                               float(eps2d), capacity)
     render, alpha, depth, radii, means2d, conics, colors_eval, depths = out[:8]
