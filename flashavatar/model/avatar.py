@@ -228,6 +228,8 @@ class GaussianAvatar(nn.Module):
         self.register_buffer("uv", torch.as_tensor(uv, dtype=torch.float32))
         self.register_buffer("is_mouth", torch.as_tensor(is_mouth))
         self.register_buffer("canonical_means", torch.as_tensor(canon, dtype=torch.float32))
+        # the MLP's per-Gaussian input never changes: encode it once [N, 3 + 6 n_freqs]
+        self.register_buffer("encoded_means", positional_encoding(self.canonical_means, n_freqs), persistent=False)
         self.register_buffer("shape_code", shape.clone())
 
         # 3. the deformation MLP: PE(x̄) (51) + condition (n_expr + 20) -> `layers` × hidden ReLU -> 10, tanh.
@@ -297,8 +299,7 @@ class GaussianAvatar(nn.Module):
     # ------------------------------------------------------------------------------------ deformation
     def mlp(self, cond: torch.Tensor) -> torch.Tensor:
         """Raw tanh outputs ``[B, N, 10]`` for conditions ``[B, cond_dim]``."""
-        pe = positional_encoding(self.canonical_means, self.n_freqs)  # [N, 51]
-        h = torch.relu(self.mlp_in_pe(pe)[None] + self.mlp_in_cond(cond)[:, None])  # [B, N, hidden]
+        h = torch.relu(self.mlp_in_pe(self.encoded_means)[None] + self.mlp_in_cond(cond)[:, None])  # [B, N, hidden]
         return torch.tanh(self.mlp_out(self.mlp_hidden(h)))
 
     def face_frames(self, vertices: torch.Tensor, tri: torch.Tensor | None = None) -> torch.Tensor:
