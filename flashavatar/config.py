@@ -109,11 +109,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim": {"lr_final_factor": 0.1},
     },
     "cpu": {
-        "train": {"iterations": 1500, "batch_size": 2, "sh_increase_every": 300, "preview_every": 500,
-                  "checkpoint_every": 500, "log_every": 50, "eval_frames": 4},
+        "train": {"iterations": 1000, "batch_size": 2, "sh_increase_every": 250, "preview_every": 250,
+                  "checkpoint_every": 250, "log_every": 25, "eval_frames": 4},
         "model": {"uv_size": 64, "sh_degree": 2, "mlp_hidden": 128, "mlp_layers": 4},
         "data": {"n_test": 20, "image_scale": 1.0},
-        "loss": {"perceptual_from": 1000, "w2_from": 500},
+        "loss": {"perceptual_from": 700, "w2_from": 300},
         "optim": {"lr_final_factor": 0.3},
     },
 }
