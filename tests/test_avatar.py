@@ -136,6 +136,16 @@ def test_parameter_groups_and_gradients(flame, head):
     assert avatar.set_sh_degree_for_iteration(1200) == 2 and avatar(c)["sh_degree"] == 2
 
 
+def test_state_dict_round_trip(flame, head):
+    a = GaussianAvatar(flame, head[1], uv_size=32, seed=1)
+    b = GaussianAvatar(flame, head[1], uv_size=32, shape=torch.full((300,), 0.5), seed=2)
+    assert not any(k.startswith("flame.") for k in a.state_dict())  # FLAME comes from its file, not checkpoints
+    b.load_state_dict(a.state_dict())
+    c = FlameCodes.neutral(1)
+    c.expr.normal_()
+    torch.testing.assert_close(b(c)["means"], a(c)["means"])
+
+
 def test_residual_state(flame, head):
     avatar = GaussianAvatar(flame, head[1], uv_size=48)
     with torch.no_grad():

@@ -230,6 +230,7 @@ class GaussianAvatar(nn.Module):
         self.register_buffer("canonical_means", torch.as_tensor(canon, dtype=torch.float32))
         # the MLP's per-Gaussian input never changes: encode it once [N, 3 + 6 n_freqs]
         self.register_buffer("encoded_means", positional_encoding(self.canonical_means, n_freqs), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, keys: module._refresh_encoding())
         self.register_buffer("shape_code", shape.clone())
 
         # 3. the deformation MLP: PE(x̄) (51) + condition (n_expr + 20) -> `layers` × hidden ReLU -> 10, tanh.
@@ -264,6 +265,10 @@ class GaussianAvatar(nn.Module):
         base = np.log(np.clip(_knn_mean_distance(canon, 3), 1e-7, None))
         self.log_scale = nn.Parameter(torch.as_tensor(base, dtype=torch.float32)[:, None].repeat(1, 3))
         self.rotation = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(N, 1))
+
+    @torch.no_grad()
+    def _refresh_encoding(self):  # after load_state_dict (canonical_means may have changed)
+        self.encoded_means = positional_encoding(self.canonical_means, self.n_freqs)
 
     # ------------------------------------------------------------------------------------ parameters
     @property
