@@ -78,6 +78,22 @@ def _has_mm_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def _has_fused_addmm_relu(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._addmm_activation`` (GEMM with a bias + ReLU epilogue) works and is right here."""
+    fn = getattr(torch, "_addmm_activation", None)
+    if fn is None:
+        return False
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn(64, 32, generator=g).to(device, dtype)
+        w = torch.randn(32, 16, generator=g).to(device, dtype)
+        b = torch.randn(16, generator=g).to(device, dtype)
+        ref = torch.relu(torch.addmm(b, a, w)).float()
+        return bool(torch.allclose(fn(b, a, w).float(), ref, rtol=2e-2, atol=2e-2))
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
 class Animator:
     """Frame-independent precomputation + a lean per-frame path for one avatar (inference only, no autograd).
 
@@ -126,6 +142,7 @@ class Animator:
         self.w_out_t32 = a.mlp_out.weight.to(f32).t().contiguous()  # [H, 10]
         self.b_out = a.mlp_out.bias.to(f32)  # [10]
         self._mm_out_dtype = dt != f32 and self.device.type == "cuda" and _has_mm_out_dtype(self.device, dt)
+        self._fused_relu = self.device.type == "cuda" and _has_fused_addmm_relu(self.device, dt)
 
         # per-Gaussian constants
         self.barycentrics = a.barycentrics.to(f32)  # [N, 3]
@@ -159,6 +176,10 @@ class Animator:
         self.has_eyelids = bool(flame.has_eyelids)
         self.eyelid_dirs = M("eyelid_dirs")[:, used].reshape(2, U * 3).contiguous()  # [2, U*3]
         self.parents = list(flame.parents)
+        # device index tensor (indexing with a Python list would copy from host memory on every call, which a
+        # CUDA graph capture does not allow)
+        self.parent_index = torch.tensor(self.parents[1:], dtype=torch.long, device=used.device)  # [4]
+        self.eye3 = torch.eye(3, dtype=f32, device=used.device)
         self.n_shape, self.n_expr, self.n_used = flame.n_shape, flame.n_expr, U
         return self
 
@@ -179,7 +200,7 @@ class Animator:
                              f"{tuple(c.eyelids.shape)} must be [{B}, 6], [{B}, 12], [{B}, 2]")
         U = self.n_used
         rot = rot6d_to_matrix(torch.cat((c.jaw, c.eyes), dim=1).to(f32).view(B, 3, 6))  # [B, 3, 3, 3]
-        eye = torch.eye(3, dtype=f32, device=expr.device)
+        eye = self.eye3
         pose_feature = (rot - eye).reshape(B, 27)
         # joints 1 (neck) is the identity: its 9 pose features are zero, joints 2..4 follow
         feats = torch.cat((shape.expand(B, -1), expr, pose_feature.new_zeros(B, 9), pose_feature), dim=1)
@@ -189,7 +210,7 @@ class Animator:
 
         # rigid chain (global = neck = identity): world rotations and translations per joint
         rots = torch.cat((eye.expand(B, 2, 3, 3), rot), dim=1)  # [B, 5, 3, 3]
-        rel_J = torch.cat((J[:, :1], J[:, 1:] - J[:, self.parents[1:]]), dim=1)
+        rel_J = torch.cat((J[:, :1], J[:, 1:] - J[:, self.parent_index]), dim=1)
         world_R, world_t = [rots[:, 0]], [rel_J[:, 0]]
         for j in range(1, 5):
             p = self.parents[j]
@@ -211,9 +232,8 @@ class Animator:
         B, N = cond.shape[0], self.n_gaussians
         c = (cond.to(torch.float32) @ self.w_cond_t).to(self.mlp_dtype)  # [B, H]
         h = torch.relu_(self.h_pe[None] + c[:, None]).view(B * N, -1)  # [B*N, H]
-        fused = h.is_cuda
         for w_t, b in self.hidden:
-            if fused:  # cuBLASLt bias + ReLU epilogue: one pass over the activations instead of two
+            if self._fused_relu:  # cuBLASLt bias + ReLU epilogue: one pass over the activations instead of two
                 h = torch._addmm_activation(b, h, w_t)
             else:
                 h = torch.relu_(torch.addmm(b, h, w_t))

@@ -231,22 +231,30 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
             log(f"  batch {b:>3} {pipeline:<18} {'graph' if graph else 'eager':<5} "
                 + (f"{ms:9.3f} ms  {row['fps']:>10.1f} FPS" if ms else f"  {extra.get('error', '')}"))
 
-        # the ordinary path, as `flashavatar render` runs it
-        peak_reset()
+        def measure(pipeline, dtype, graph, raster, make_fn):
+            """One row; a failure is recorded (with its message) instead of ending the run."""
+            peak_reset()
+            try:
+                fn = make_fn()
+                ms = median_ms(fn, device, warmup, repeats)
+                add(pipeline, dtype, graph, raster, ms, peak())
+            except Exception as exc:  # noqa: BLE001 - report, keep going
+                add(pipeline, dtype, graph, raster, None, None, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                fn = None
 
+        # the ordinary path, as `flashavatar render` runs it
         def forward():
             g = avatar(codes)
             return rasterize_gaussians(g["means"], g["quats"], g["scales"], g["opacities"], g["sh"][:, :, :k], views,
                                        ks, width, height, sh_degree=d, backgrounds=bg)
 
-        add("forward", "fp32", False, "ours", median_ms(forward, device, warmup, repeats), peak())
+        measure("forward", "fp32", False, "ours", lambda: forward)
 
         for dt, an in animators.items():
             # eager fast path, then its stages
-            peak_reset()
-            add(f"fast {dt}", dt, False, "ours",
-                median_ms(lambda: an.render(codes, views, ks, width, height, backgrounds=bg), device, warmup,
-                          repeats), peak())
+            measure(f"fast {dt}", dt, False, "ours",
+                    lambda: (lambda: an.render(codes, views, ks, width, height, backgrounds=bg)))
             verts = an.vertices(codes)
             raw = an.mlp(cond)
             g = an.assemble(verts, raw)
@@ -270,21 +278,15 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
                 stage_rows.append(st)
             del verts, raw, g, stage_fns
             if gsplat_fn is not None:
-                peak_reset()
-                add(f"fast {dt} + gsplat", dt, False, "gsplat",
-                    median_ms(lambda: an.render(codes, views, ks, width, height, backgrounds=bg, rasterizer=gsplat_fn),
-                              device, warmup, repeats), peak())
+                measure(f"fast {dt} + gsplat", dt, False, "gsplat",
+                        lambda: (lambda: an.render(codes, views, ks, width, height, backgrounds=bg,
+                                                   rasterizer=gsplat_fn)))
             if graphs and cuda:
                 from .animate import GraphedRenderer
 
-                peak_reset()
-                try:
-                    renderer = GraphedRenderer(an, b, width, height, viewmats=views, Ks=ks, backgrounds=bg,
-                                               codes=codes, warmup=warmup)
-                    add(f"fast {dt}", dt, True, "ours", median_ms(renderer.replay, device, warmup, repeats), peak())
-                    del renderer
-                except Exception as exc:  # noqa: BLE001 - report, keep going
-                    add(f"fast {dt}", dt, True, "ours", None, None, error=f"{type(exc).__name__}: {exc}")
+                measure(f"fast {dt}", dt, True, "ours",
+                        lambda: GraphedRenderer(an, b, width, height, viewmats=views, Ks=ks, backgrounds=bg,
+                                                codes=codes, warmup=warmup).replay)
     return rows, stage_rows
 
 
