@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, background_color
-from .rasterize_fallback import rasterize
+from .rasterize_fallback import pick_rasterizer
 
 log = logging.getLogger("flashavatar")
 
@@ -34,6 +34,15 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device '{name}' requested but CUDA is not available on this machine (use --device cpu)")
     return device
+
+
+def _to_device(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Index tensor on ``device`` without a host sync (a blocking host->GPU copy waits for the whole stream)."""
+    if idx.device == device:
+        return idx
+    if idx.device.type == "cpu" and device.type == "cuda":
+        return idx.pin_memory().to(device, non_blocking=True)
+    return idx.to(device)
 
 
 @dataclass
@@ -82,12 +91,12 @@ class FrameSet:
     def codes_at(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
         for k, v in self.codes.items():
-            out[k] = v.expand(len(idx), -1) if (k == "shape" and v.shape[0] == 1) else v[idx.to(v.device)]
+            out[k] = v.expand(len(idx), -1) if (k == "shape" and v.shape[0] == 1) else v[_to_device(idx, v.device)]
         return out
 
     def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, Any]:
         """Float batch: gt [B, H, W, 3] in [0, 1], masks [B, H, W] float, viewmats, Ks, codes on ``device``."""
-        i = idx.to(self.gt.device)
+        i = _to_device(idx, self.gt.device)
         return {
             "gt": self.gt[i].to(device, non_blocking=True).float() / 255.0,
             "head_mask": self.head_mask[i].to(device, non_blocking=True).float(),
@@ -134,6 +143,9 @@ class AvatarSession:
         self.train_frames = train_frames
         self.test_frames = test_frames
         self.background = torch.tensor(background_color(cfg.data.background), device=device)
+        # NaN/inf input check of the compiled rasteriser: one device->host read per call; training turns it off
+        # (a non-finite loss is caught when the loop reads the loss)
+        self.check_finite = True
 
     # -------------------------------------------------------------------------------------- building
     @classmethod
@@ -182,10 +194,12 @@ class AvatarSession:
         alpha [B, H, W, 1], depth [B, H, W, 1]."""
         b = viewmats.shape[0]
         k = (sh_degree + 1) ** 2
-        render, alpha, meta = rasterize(
+        name, fn = pick_rasterizer(viewmats.device)
+        extra = {} if self.check_finite or name != "ops" else {"check_finite": False}
+        render, alpha, meta = fn(
             g["means"], g["quats"], g["scales"], g["opacities"], g["sh"][:, :, :k], viewmats[:, None], Ks[:, None],
             width or self.width, height or self.height, sh_degree=sh_degree,
-            backgrounds=self.background.expand(b, 1, 3))
+            backgrounds=self.background.expand(b, 1, 3), **extra)
         return {"image": render[:, 0], "alpha": alpha[:, 0], "depth": meta["depth"][:, 0]}
 
     def render(self, batch: dict[str, Any], sh_degree: int | None = None, *, want_residual: bool = False,

@@ -334,6 +334,8 @@ class FLAME(nn.Module):
         _check(all(0 <= parents[j] < j for j in range(1, 5)), model_path,
                f"kintree_table parents {parents} not a chain")
         self.parents = [int(p) for p in parents]
+        # parents of joints 1..4 as a device index (indexing with a list copies it from the host on every call)
+        self.register_buffer("parent_index", torch.as_tensor(parents[1:], dtype=torch.long), persistent=False)
         self.n_shape, self.n_expr, self.n_vertices = n_shape, n_expr, V
 
         # model arrays: float32 buffers for float32 inputs and float64 twins (``*_f64``) for exact float64 results;
@@ -368,6 +370,7 @@ class FLAME(nn.Module):
         lid_dirs = eyelids if eyelids is not None else np.zeros((2, V, 3))
         buf("eyelid_dirs", lid_dirs)  # [2 (left, right), V, 3]
         self._warned_eyelids = False
+        self._eyelid_checks_left = 10  # GPU calls whose eyelid values are checked (see forward)
 
         # mouth-closing faces
         if mouth_faces_path is None and (model_path.parent / "mouth_faces.npy").is_file():
@@ -443,7 +446,7 @@ class FLAME(nn.Module):
 
         # rigid chain: world transform of each joint, then remove the rest-pose joint location
         rel_J = J.clone()
-        rel_J[:, 1:] = J[:, 1:] - J[:, self.parents[1:]]
+        rel_J[:, 1:] = J[:, 1:] - J[:, self.parent_index]
         world_R, world_t = [rots[:, 0]], [rel_J[:, 0]]
         for j in range(1, 5):
             p = self.parents[j]
@@ -461,10 +464,15 @@ class FLAME(nn.Module):
             if self.has_eyelids:
                 lids = cast(eyelids)
                 verts = verts + torch.einsum("bk,kvc->bvc", lids, M("eyelid_dirs"))
-            elif not self._warned_eyelids and bool((eyelids != 0).any()):
-                log.warning("FLAME: eyelid parameters given but no eyelid blendshapes loaded (%s); ignored",
-                            self.model_path.parent)
-                self._warned_eyelids = True
+            elif not self._warned_eyelids and self._eyelid_checks_left > 0 and not torch.compiler.is_compiling() \
+                    and not (eyelids.is_cuda and torch.cuda.is_current_stream_capturing()):
+                # reading the values is a host sync on a GPU: only the first calls there are checked
+                if eyelids.is_cuda:
+                    self._eyelid_checks_left -= 1
+                if bool((eyelids != 0).any()):
+                    log.warning("FLAME: eyelid parameters given but no eyelid blendshapes loaded (%s); ignored",
+                                self.model_path.parent)
+                    self._warned_eyelids = True
         return verts
 
     def forward_codes(self, codes) -> torch.Tensor:
