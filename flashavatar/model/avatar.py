@@ -151,6 +151,10 @@ def residual_covariance(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tens
 
 
 # -------------------------------------------------------------------------------------------- the avatar
+def _refresh_after_load(module, incompatible_keys):  # a module-level function: the avatar stays picklable
+    module._refresh_encoding()
+
+
 class GaussianAvatar(nn.Module):
     """FlashAvatar's Gaussian head.
 
@@ -230,7 +234,7 @@ class GaussianAvatar(nn.Module):
         self.register_buffer("canonical_means", torch.as_tensor(canon, dtype=torch.float32))
         # the MLP's per-Gaussian input never changes: encode it once [N, 3 + 6 n_freqs]
         self.register_buffer("encoded_means", positional_encoding(self.canonical_means, n_freqs), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, keys: module._refresh_encoding())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.register_buffer("shape_code", shape.clone())
 
         # 3. the deformation MLP: PE(x̄) (51) + condition (n_expr + 20) -> `layers` × hidden ReLU -> 10, tanh.
