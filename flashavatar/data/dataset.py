@@ -84,7 +84,11 @@ class FlashAvatarDataset(Dataset):
     Args:
         background: RGB in [0, 1] or a name in :data:`BACKGROUNDS` (default green).
         cache: keep decoded uint8 images in RAM after the first read.
-        check_files: check at construction that every image file of the split exists (cheap ``stat``).
+        check_files: check at construction that the four image files of every tracker frame (all splits)
+            exist (cheap ``stat``), so mismatched counts fail early, naming the first missing file.
+        n_shape, n_expr: components kept from the tracker codes.
+
+    Tracker files are read with ``torch.load(weights_only=False)``: only pass folders you trust.
     """
 
     def __init__(self, data_root, tracker_root, subject_id: str, split: str = "train", *, frame_offset: int = 1,
@@ -134,14 +138,12 @@ class FlashAvatarDataset(Dataset):
 
     def _image_paths(self, k: int) -> dict[str, Path]:
         name = f"{k + self.frame_offset:05d}"
-        img = self.data_dir / "imgs" / f"{name}.jpg"
-        alpha = self.data_dir / "alpha" / f"{name}.jpg"
-        for ext in _IMAGE_EXTS:  # accept .png / .jpeg too
-            if (self.data_dir / "imgs" / f"{name}{ext}").is_file():
-                img = self.data_dir / "imgs" / f"{name}{ext}"
-            if (self.data_dir / "alpha" / f"{name}{ext}").is_file():
-                alpha = self.data_dir / "alpha" / f"{name}{ext}"
-        return {"image": img, "alpha": alpha, "head_mask": self.data_dir / "parsing" / f"{name}_neckhead.png",
+
+        def first(folder: str) -> Path:  # .jpg as in the original layout; .png / .jpeg accepted too
+            cands = [self.data_dir / folder / f"{name}{ext}" for ext in _IMAGE_EXTS]
+            return next((c for c in cands if c.is_file()), cands[0])
+        return {"image": first("imgs"), "alpha": first("alpha"),
+                "head_mask": self.data_dir / "parsing" / f"{name}_neckhead.png",
                 "mouth_mask": self.data_dir / "parsing" / f"{name}_mouth.png"}
 
     def __len__(self) -> int:
