@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .model.avatar import positional_encoding
-from .model.camera import matrix_to_quat, quat_multiply, rot6d_to_matrix
+from .model.camera import rot6d_to_matrix
 from .model.flame import FlameCodes
 
 __all__ = ["Animator", "GraphedRenderer", "MLP_DTYPES"]
@@ -76,6 +76,91 @@ def _has_mm_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError, NotImplementedError):
         return False
+
+
+# ------------------------------------------------------------------------------ quaternions in few kernels
+# Same functions as model.camera.quat_multiply / matrix_to_quat, written as small matrix products so that a
+# frame costs a handful of kernels (what matters at batch 1, where the step is a chain of tiny launches).
+
+def _hamilton_table() -> Tensor:
+    """``T [16, 4]`` with ``(q ⊗ p)_i = Σ_kj q_k p_j T[4k + j, i]`` (w, x, y, z)."""
+    # L(q) rows as (sign, component of q) per column j of p
+    L = (((1, 0), (-1, 1), (-1, 2), (-1, 3)),
+         ((1, 1), (1, 0), (-1, 3), (1, 2)),
+         ((1, 2), (1, 3), (1, 0), (-1, 1)),
+         ((1, 3), (-1, 2), (1, 1), (1, 0)))
+    T = torch.zeros(4, 4, 4)
+    for i, row in enumerate(L):
+        for j, (sign, k) in enumerate(row):
+            T[k, j, i] = sign
+    return T.reshape(16, 4)
+
+
+_HAMILTON = _hamilton_table()
+
+
+def quat_left_matrix(q: Tensor) -> Tensor:
+    """``L(q) [..., 4, 4]`` with ``q ⊗ p = L(q) p``."""
+    T = _HAMILTON.to(q.device, q.dtype).view(4, 4, 4)  # [k, j, i]
+    return torch.einsum("...k,kji->...ij", q, T)
+
+
+def quat_multiply_fast(q: Tensor, p: Tensor, table: Tensor | None = None) -> Tensor:
+    """Hamilton product ``q ⊗ p`` of ``[..., 4]`` quaternions (broadcasting): one outer product, one GEMM.
+    ``table``: :data:`_HAMILTON` already on the device (a host copy per call cannot go into a CUDA graph)."""
+    outer = (q[..., :, None] * p[..., None, :]).flatten(-2)  # [..., 16]
+    return outer @ (_HAMILTON.to(q.device, q.dtype) if table is None else table)
+
+
+def _quat_from_matrix_table(transposed: bool) -> tuple[Tensor, Tensor]:
+    """``(W [9, 20], b [20])``: ``m_flat @ W + b`` = [4·(w², x², y², z²), the 4 candidate quaternions (× 4|c|)]
+    of ``matrix_to_quat`` (``m_flat`` = the row-major 3×3 matrix, or its transpose)."""
+    W, b = torch.zeros(9, 20), torch.zeros(20)
+
+    def idx(r, c):
+        return 3 * c + r if transposed else 3 * r + c
+
+    diag = ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1))  # signs of m00, m11, m22 in 4w², 4x², 4y², 4z²
+    for k, signs in enumerate(diag):
+        b[k] = 1.0
+        for d, sg in enumerate(signs):
+            W[idx(d, d), k] = sg
+    # off-diagonal combinations, as (+entry, ±entry)
+    od = {"21-12": ((2, 1), (1, 2), -1), "02-20": ((0, 2), (2, 0), -1), "10-01": ((1, 0), (0, 1), -1),
+          "01+10": ((0, 1), (1, 0), 1), "02+20": ((0, 2), (2, 0), 1), "12+21": ((1, 2), (2, 1), 1)}
+    rows = ((0, "21-12", "02-20", "10-01"), ("21-12", 1, "01+10", "02+20"),
+            ("02-20", "01+10", 2, "12+21"), ("10-01", "02+20", "12+21", 3))
+    for r, row in enumerate(rows):
+        for c, entry in enumerate(row):
+            col = 4 + 4 * r + c
+            if isinstance(entry, int):  # the diagonal candidate component = 4·component²
+                W[:, col] = W[:, entry]
+                b[col] = b[entry]
+            else:
+                (a0, a1), (b0, b1), sg = od[entry]
+                W[idx(a0, a1), col] += 1.0
+                W[idx(b0, b1), col] += sg
+    return W, b
+
+
+_QUAT_TABLES = {t: _quat_from_matrix_table(t) for t in (False, True)}
+
+
+def matrix_to_quat_fast(R: Tensor, *, transposed: bool = False, tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Rotation matrices ``[..., 3, 3]`` (``transposed``: given as Rᵀ) -> unit quaternions ``[..., 4]``, w >= 0.
+
+    The best-conditioned of the four classic formulas per matrix, as ``model.camera.matrix_to_quat`` (the
+    candidate is normalised directly: dividing by its positive scale first changes nothing).
+    """
+    W, b = tables if tables is not None else (t.to(R.device, R.dtype) for t in _QUAT_TABLES[bool(transposed)])
+    vals = torch.addmm(b, R.reshape(-1, 9), W)  # [M, 20]
+    best = vals[:, :4].argmax(-1)  # [M]
+    cands = vals[:, 4:].view(-1, 4, 4)
+    q = torch.gather(cands, 1, best[:, None, None].expand(-1, 1, 4))[:, 0]  # [M, 4]
+    norm = q.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    q = q / torch.copysign(norm, q[:, :1])  # unit, w >= 0
+    return q.view(*R.shape[:-2], 4)
+
 
 
 def _has_fused_addmm_relu(device: torch.device, dtype: torch.dtype) -> bool:
@@ -146,8 +231,14 @@ class Animator:
 
         # per-Gaussian constants
         self.barycentrics = a.barycentrics.to(f32)  # [N, 3]
+        # one small matmul per Gaussian gives [surface point, edge v0->v1, edge v0->v2] from its triangle
+        edges = torch.tensor([[-1.0, 1.0, 0.0], [-1.0, 0.0, 1.0]], device=self.device).expand(self.n_gaussians, 2, 3)
+        self.tri_weights = torch.cat((self.barycentrics[:, None], edges), dim=1).contiguous()  # [N, 3, 3]
         rot = a.rotation.to(f32)
         self.q_base = rot / rot.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [N, 4]
+        self.L_base = quat_left_matrix(self.q_base).contiguous()  # [N, 4, 4]: q_base ⊗ p = L_base p
+        self.hamilton = _HAMILTON.to(self.device)  # constant tables on the device
+        self.quat_tables = tuple(t.to(self.device) for t in _QUAT_TABLES[True])
         self.log_scale = a.log_scale.to(f32)  # [N, 3]
         self.opacities = torch.sigmoid(a.opacity_logit.to(f32))  # [N]
         self.sh = torch.cat((a.features_dc, a.features_rest), dim=1).to(f32).contiguous()  # [N, K, 3]
@@ -166,12 +257,15 @@ class Animator:
         J_reg = M("J_regressor")  # [5, V]
         v_template = M("v_template")  # [V, 3]
         # one matrix for [betas, pose_feature] -> [vertex offsets (U*3), joints (15)]
-        dirs = torch.zeros(nb + 36, U * 3 + 15, dtype=f32, device=used.device)
-        dirs[:nb, :U * 3] = shapedirs[:, used].reshape(nb, U * 3)
-        dirs[nb:, :U * 3] = posedirs[:, used].reshape(36, U * 3)
-        dirs[:nb, U * 3:] = torch.einsum("jv,bvc->bjc", J_reg, shapedirs).reshape(nb, 15)
-        self.flame_dirs = dirs  # [nb + 36, U*3 + 15]
-        self.flame_base = torch.cat((v_template[used].reshape(-1), (J_reg @ v_template).reshape(-1)))  # [U*3 + 15]
+        # (vertices get a 4th, homogeneous coordinate: base 1, no blendshape, so skinning is one matmul)
+        dirs = torch.zeros(nb + 36, U, 4, dtype=f32, device=used.device)
+        dirs[:nb, :, :3] = shapedirs[:, used]
+        dirs[nb:, :, :3] = posedirs[:, used]
+        j_dirs = torch.einsum("jv,bvc->bjc", J_reg, shapedirs).reshape(nb, 15)
+        self.flame_dirs = torch.cat((dirs.reshape(nb + 36, U * 4),
+                                     torch.cat((j_dirs, j_dirs.new_zeros(36, 15)))), dim=1)  # [nb + 36, U*4 + 15]
+        v_h = torch.cat((v_template[used], v_template.new_ones(U, 1)), dim=1)  # [U, 4]
+        self.flame_base = torch.cat((v_h.reshape(-1), (J_reg @ v_template).reshape(-1)))  # [U*4 + 15]
         self.lbs_weights = M("lbs_weights")[used].contiguous()  # [U, 5]
         self.has_eyelids = bool(flame.has_eyelids)
         self.eyelid_dirs = M("eyelid_dirs")[:, used].reshape(2, U * 3).contiguous()  # [2, U*3]
@@ -179,6 +273,9 @@ class Animator:
         # device index tensor (indexing with a Python list would copy from host memory on every call, which a
         # CUDA graph capture does not allow)
         self.parent_index = torch.tensor(self.parents[1:], dtype=torch.long, device=used.device)  # [4]
+        # FLAME's chain: neck under the root, jaw and eyes under the neck (or the root). With identity root and
+        # neck rotations every joint's world transform is then (R_j, J_j - R_j J_j): no loop over the chain.
+        self.flat_chain = self.parents[1] == 0 and all(p in (0, 1) for p in self.parents[2:])
         self.eye3 = torch.eye(3, dtype=f32, device=used.device)
         self.n_shape, self.n_expr, self.n_used = flame.n_shape, flame.n_expr, U
         return self
@@ -204,26 +301,30 @@ class Animator:
         pose_feature = (rot - eye).reshape(B, 27)
         # joints 1 (neck) is the identity: its 9 pose features are zero, joints 2..4 follow
         feats = torch.cat((shape.expand(B, -1), expr, pose_feature.new_zeros(B, 9), pose_feature), dim=1)
-        lin = torch.addmm(self.flame_base, feats, self.flame_dirs)  # [B, U*3 + 15]
-        v_posed = lin[:, :U * 3].view(B, U, 3)
-        J = lin[:, U * 3:].view(B, 5, 3)
+        lin = torch.addmm(self.flame_base, feats, self.flame_dirs)  # [B, U*4 + 15]
+        v_posed = lin[:, :U * 4].view(B, U, 4)  # homogeneous
+        J = lin[:, U * 4:].view(B, 5, 3)
 
-        # rigid chain (global = neck = identity): world rotations and translations per joint
-        rots = torch.cat((eye.expand(B, 2, 3, 3), rot), dim=1)  # [B, 5, 3, 3]
-        rel_J = torch.cat((J[:, :1], J[:, 1:] - J[:, self.parent_index]), dim=1)
-        world_R, world_t = [rots[:, 0]], [rel_J[:, 0]]
-        for j in range(1, 5):
-            p = self.parents[j]
-            world_R.append(world_R[p] @ rots[:, j])
-            world_t.append((world_R[p] @ rel_J[:, j, :, None])[..., 0] + world_t[p])
-        A_R = torch.stack(world_R, 1)  # [B, 5, 3, 3]
-        A_t = torch.stack(world_t, 1) - (A_R @ J[..., None])[..., 0]  # [B, 5, 3]
-        A = torch.cat((A_R, A_t[..., None]), dim=-1).reshape(B, 5, 12)  # [B, 5, 3x4]
+        rots = torch.cat((eye.expand(B, 2, 3, 3), rot), dim=1)  # [B, 5, 3, 3] (global = neck = identity)
+        if self.flat_chain:
+            A_R = rots
+        else:  # general chain: world rotations and translations joint by joint
+            rel_J = torch.cat((J[:, :1], J[:, 1:] - J[:, self.parent_index]), dim=1)
+            world_R, world_t = [rots[:, 0]], [rel_J[:, 0]]
+            for j in range(1, 5):
+                p = self.parents[j]
+                world_R.append(world_R[p] @ rots[:, j])
+                world_t.append((world_R[p] @ rel_J[:, j, :, None])[..., 0] + world_t[p])
+            A_R = torch.stack(world_R, 1)  # [B, 5, 3, 3]
+            J = torch.stack(world_t, 1)  # world joint positions (before removing the rest pose)
+        # [R | t] per joint with t = world_t - R J_rest; for the flat chain world_t = J_rest
+        A_t = J[..., None] - A_R @ lin[:, U * 4:].view(B, 5, 3, 1)  # [B, 5, 3, 1]
+        A = torch.cat((A_R, A_t), dim=-1).reshape(B, 5, 12)  # [B, 5, 3x4]
         T = torch.matmul(self.lbs_weights, A).view(B, U, 3, 4)  # blended transforms
-        verts = (T[..., :3] @ v_posed[..., None])[..., 0] + T[..., 3]
+        verts = (T @ v_posed[..., None]).view(B, U * 3)
         if self.has_eyelids:
-            verts = verts + (c.eyelids.to(f32) @ self.eyelid_dirs).view(B, U, 3)
-        return verts
+            verts = torch.addmm(verts, c.eyelids.to(f32), self.eyelid_dirs)
+        return verts.view(B, U, 3)
 
     def mlp(self, cond: Tensor) -> Tensor:
         """Raw tanh outputs ``[B, N, 10]`` (float32) for conditions ``cond [B, cond_dim]``."""
@@ -249,26 +350,27 @@ class Animator:
         """Gaussians from the posed used vertices ``[B, U, 3]`` and the MLP outputs ``[B, N, 10]``."""
         B, N = raw.shape[0], self.n_gaussians
         tri = verts[:, self.local_faces]  # [B, N, 3 corners, 3]
-        surface = (tri * self.barycentrics[None, :, :, None]).sum(2)  # [B, N, 3]
-        offset = self.offset_scale * raw[..., :3]
+        pts = self.tri_weights @ tri  # [B, N, 3, 3]: surface point, edge 0->1, edge 0->2
+        means = torch.add(pts[:, :, 0], raw[..., :3], alpha=self.offset_scale)
         q_delta = torch.cat((torch.exp(raw[..., 3:4]), raw[..., 4:7]), dim=-1)
         q_delta = q_delta / q_delta.norm(dim=-1, keepdim=True)
-        q_local = quat_multiply(self.q_base, q_delta)  # [B, N, 4]
+        q_local = (self.L_base @ q_delta[..., None])[..., 0]  # q_base ⊗ q_delta [B, N, 4]
         delta_scale = raw[..., 7:10]
         if self.parity:
             quats = q_local
             log_s = self.log_scale * torch.exp(delta_scale)
         else:
-            e1 = tri[:, :, 1] - tri[:, :, 0]
-            n = torch.cross(e1, tri[:, :, 2] - tri[:, :, 0], dim=-1)
+            e1, e2 = pts[:, :, 1], pts[:, :, 2]
+            n = torch.cross(e1, e2, dim=-1)
             e1 = e1 / e1.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            frame = matrix_to_quat(torch.stack((e1, torch.cross(n, e1, dim=-1), n), dim=-1))
-            quats = quat_multiply(frame, q_local)
+            frame_t = torch.stack((e1, torch.cross(n, e1, dim=-1), n), dim=-2)  # rows = the frame's columns
+            frame = matrix_to_quat_fast(frame_t, transposed=True, tables=self.quat_tables)
+            quats = quat_multiply_fast(frame, q_local, self.hamilton)
             log_s = self.log_scale + delta_scale
         d = self.avatar.active_sh_degree if sh_degree is None else int(sh_degree)
         k = (d + 1) ** 2
-        return {"means": surface + offset, "quats": quats, "scales": torch.exp(log_s),
+        return {"means": means, "quats": quats, "scales": torch.exp(log_s),
                 "opacities": self.opacities.expand(B, N), "sh": self.sh[:, :k].expand(B, N, k, 3), "sh_degree": d}
 
     def gaussians(self, codes, sh_degree: int | None = None) -> dict[str, Any]:

@@ -166,3 +166,21 @@ def test_cuda_graph_replay_equals_eager_for_new_codes(head, dtype):
         out = r(codes).clone()
         ref = an.render(codes, vm, Ks, 256, 256, backgrounds=torch.zeros(B, 1, 3, device=dev))[0]
         assert psnr(out, ref) >= 60.0
+
+
+def test_few_kernel_quaternion_helpers_match_camera_module():
+    from flashavatar.animate import matrix_to_quat_fast, quat_left_matrix, quat_multiply_fast
+    from flashavatar.model.camera import matrix_to_quat, quat_multiply, quat_to_matrix
+
+    g = torch.Generator().manual_seed(4)
+    q, p = torch.randn(500, 4, generator=g), torch.randn(500, 4, generator=g)
+    torch.testing.assert_close(quat_multiply_fast(q, p), quat_multiply(q, p), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((quat_left_matrix(q) @ p[..., None])[..., 0], quat_multiply(q, p), atol=1e-5, rtol=1e-5)
+    unit = torch.nn.functional.normalize(torch.randn(2000, 4, generator=g), dim=-1)
+    unit[:20, 0] = 0.0  # 180-degree rotations: w = 0, another formula is the best-conditioned one
+    unit = torch.nn.functional.normalize(unit, dim=-1)
+    R = quat_to_matrix(unit)
+    ref = matrix_to_quat(R)
+    torch.testing.assert_close(matrix_to_quat_fast(R), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(matrix_to_quat_fast(R.transpose(-1, -2), transposed=True), ref, atol=1e-5, rtol=0)
+    assert (matrix_to_quat_fast(R)[:, 0] >= 0).all()
