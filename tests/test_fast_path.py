@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flashavatar.animate import Animator, GraphedRenderer, rasterize_with
 from flashavatar.bench import front_camera
@@ -184,3 +185,36 @@ def test_few_kernel_quaternion_helpers_match_camera_module():
     torch.testing.assert_close(matrix_to_quat_fast(R), ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(matrix_to_quat_fast(R.transpose(-1, -2), transposed=True), ref, atol=1e-5, rtol=0)
     assert (matrix_to_quat_fast(R)[:, 0] >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_per_frame_path_uses_only_device_tensors(head, dtype):
+    """With every precomputed tensor on the meta device the per-frame path still runs: it builds no host
+    tensors (a host->device copy per frame would break CUDA-graph capture and synchronise)."""
+    an = Animator(trained_like(head), mlp_dtype=dtype)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    for name, value in list(vars(an).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(an, name, meta(value))
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], (tuple, torch.Tensor)):
+            setattr(an, name, type(value)(tuple(map(meta, v)) if isinstance(v, tuple) else meta(v) for v in value))
+    an.device = torch.device("meta")
+    codes = {k: meta(v) for k, v in random_codes(head[0], 2).items()}
+    with _HostTensorSpy() as spy:
+        g = an.gaussians(codes)
+    assert spy.ops == [], f"per-frame ops reading host tensors: {spy.ops}"
+    assert g["means"].device.type == "meta" and g["quats"].shape == (2, an.n_gaussians, 4)
+
+
+class _HostTensorSpy(TorchDispatchMode):
+    """Records every ATen op that gets a CPU tensor as an input."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in leaves):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
