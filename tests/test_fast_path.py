@@ -79,6 +79,9 @@ def test_restricted_flame_matches_full_flame_on_used_vertices(head):
     assert an.n_used <= flame.n_vertices
     codes = random_codes(flame, 4, seed=7)
     full = flame.forward_codes(codes)
+    assert an.flat_chain  # FLAME's kinematic tree (and the procedural head's)
+    torch.testing.assert_close(an.vertices(codes), full[:, an.used_vertices], atol=1e-6, rtol=1e-5)
+    an.flat_chain = False  # the general joint-by-joint chain gives the same
     torch.testing.assert_close(an.vertices(codes), full[:, an.used_vertices], atol=1e-6, rtol=1e-5)
 
 
