@@ -195,8 +195,15 @@ def mlp_flops_per_frame(avatar) -> float:
 @torch.no_grad()
 def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height: int, batch_sizes: list[int],
                  device: torch.device, *, dtypes: list[str], warmup: int, repeats: int, graphs: bool,
-                 gsplat_fn: Callable | None, log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
-    """Rows (one per pipeline variant and batch) and stage rows (one per dtype, batch and mode)."""
+                 gsplat_fn: Callable | None, log: Callable[[str], None] = print,
+                 deadline: float | None = None) -> tuple[list[dict], list[dict]]:
+    """Rows (one per pipeline variant and batch) and stage rows (one per dtype, batch and mode). Past
+    ``deadline`` (``time.perf_counter()`` value) the remaining measurements are skipped and marked so."""
+    skipped = "skipped: time budget (--max-seconds) used up"
+
+    def late() -> bool:
+        return deadline is not None and time.perf_counter() > deadline
+
     from .animate import Animator, rasterize_with
     from .model import FlameCodes
     from .ops import rasterize_gaussians
@@ -233,6 +240,9 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
 
         def measure(pipeline, dtype, graph, raster, make_fn):
             """One row; a failure is recorded (with its message) instead of ending the run."""
+            if late():
+                add(pipeline, dtype, graph, raster, None, None, error=skipped)
+                return
             peak_reset()
             try:
                 fn = make_fn()
@@ -269,6 +279,9 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
                 for name, fn in stage_fns.items():
                     if mode == "graph" and name == "raster_gsplat":
                         continue  # not capturable
+                    if late():
+                        st[name], st[f"{name}_error"] = None, skipped
+                        continue
                     try:
                         st[name] = median_ms(fn if mode == "eager" else capture(fn, device), device, warmup, repeats)
                     except Exception as exc:  # noqa: BLE001 - keep the other numbers
@@ -308,7 +321,8 @@ def format_table(result: dict[str, Any]) -> str:
             peak = f"{r['peak_mem_mib']:.0f}" if r.get("peak_mem_mib") is not None else "-"
             if r["ms_per_call"] is None:
                 lines.append(f"{r['batch']:>5} {r['pipeline']:<20} {'graph' if r['graph'] else 'eager':<5} "
-                             f"failed: {r.get('error', '')[:80]}")
+                             + ("" if r.get("error", "").startswith("skipped") else "failed: ")
+                             + r.get("error", "")[:80])
                 continue
             lines.append(f"{r['batch']:>5} {r['pipeline']:<20} {'graph' if r['graph'] else 'eager':<5} "
                          f"{r['ms_per_call']:>9.3f} {r['fps']:>10.1f} {peak:>9}")
@@ -339,6 +353,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows")
     parser.add_argument("--no-gsplat", action="store_true", help="skip the gsplat rows")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="time budget of the measurements; later rows are skipped and marked (default 200 on a "
+                             "GPU, none on a CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", metavar="FILE", default=None, help="JSON output (default benchmarks/results/"
                                                                     "end_to_end_<device>.json)")
@@ -393,29 +410,33 @@ def run(args: argparse.Namespace) -> int:
         (None, "skipped (needs CUDA)") if not gpu else gsplat_rasterizer())
     print(f"flashavatar bench on {label}; gsplat: {gsplat_note}", flush=True)
     t0 = time.perf_counter()
+    budget = args.max_seconds if args.max_seconds is not None else (200.0 if gpu else None)
+    deadline = None if budget is None or budget <= 0 else t0 + budget
+    out = Path(args.out) if args.out else Path("benchmarks/results") / f"end_to_end_{device.type}.json"
     configs = []
+    result: dict[str, Any] = {}
     for uv, avatar, codes, source in avatars:
         print(f"uv_size {uv}: {avatar.n_gaussians} Gaussians", flush=True)
         rows, stages = bench_avatar(avatar, codes, res, res, batches, device, dtypes=dtypes, warmup=warmup,
                                     repeats=repeats, graphs=gpu and not args.no_graphs, gsplat_fn=gsplat_fn,
-                                    log=lambda s: print(s, flush=True))
+                                    log=lambda s: print(s, flush=True), deadline=deadline)
         configs.append({"uv_size": uv, "gaussians": avatar.n_gaussians,
                         "mlp_gflop_per_frame": mlp_flops_per_frame(avatar) / 1e9, "rows": rows, "stages": stages})
         del avatar
-    headline = []  # per batch of the first avatar: the fastest pipeline
-    for b in batches:
-        cand = [r for r in configs[0]["rows"] if r["batch"] == b and r["ms_per_call"]]
-        best = min(cand, key=lambda r: r["ms_per_call"])
-        fwd = next((r for r in cand if r["pipeline"] == "forward"), None)
-        headline.append({"batch": b, "fps": best["fps"], "ms_per_call": best["ms_per_call"],
-                         "pipeline": best["pipeline"] + (" graph" if best["graph"] else ""),
-                         "fps_forward": fwd["fps"] if fwd else None, "uv_size": configs[0]["uv_size"]})
-    result = {"device": label, "device_type": device.type, "resolution": res, "source": avatars[0][3],
-              "rows": headline,
-              "torch": torch.__version__, "gsplat": gsplat_note, "repeats": repeats, "warmup": warmup,
-              "seconds": time.perf_counter() - t0, "configs": configs}
+        headline = []  # per batch of the first avatar: the fastest pipeline
+        for b in batches:
+            cand = [r for r in configs[0]["rows"] if r["batch"] == b and r["ms_per_call"]]
+            if not cand:
+                continue
+            best = min(cand, key=lambda r: r["ms_per_call"])
+            fwd = next((r for r in cand if r["pipeline"] == "forward"), None)
+            headline.append({"batch": b, "fps": best["fps"], "ms_per_call": best["ms_per_call"],
+                             "pipeline": best["pipeline"] + (" graph" if best["graph"] else ""),
+                             "fps_forward": fwd["fps"] if fwd else None, "uv_size": configs[0]["uv_size"]})
+        result = {"device": label, "device_type": device.type, "resolution": res, "source": avatars[0][3],
+                  "rows": headline, "torch": torch.__version__, "gsplat": gsplat_note, "repeats": repeats,
+                  "warmup": warmup, "seconds": time.perf_counter() - t0, "configs": configs}
+        atomic_write_text(out, json.dumps(result, indent=1))  # after every avatar: a cut-off run keeps its rows
     print(format_table(result))
-    out = Path(args.out) if args.out else Path("benchmarks/results") / f"end_to_end_{device.type}.json"
-    atomic_write_text(out, json.dumps(result, indent=1))
     print(f"results: {out} ({result['seconds']:.0f} s)")
     return 0
