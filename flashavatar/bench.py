@@ -335,6 +335,33 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(result: dict[str, Any]) -> str:
+    """A few lines per avatar: FPS of the ordinary path, the best eager fast path, the best graph replay and the
+    gsplat-rasterised fast path, per batch size."""
+    def best(rows, pred):
+        ok = [r for r in rows if pred(r) and r.get("ms_per_call")]
+        return max(ok, key=lambda r: r["fps"]) if ok else None
+
+    def cell(r):
+        return f"{r['fps']:>9.0f} ({r['mlp_dtype']})" if r else f"{'-':>16}"
+
+    lines = [f"summary, frames/s at {result['resolution']}x{result['resolution']} on {result['device']}:",
+             f"{'uv':>4} {'N':>6} {'batch':>5} {'forward':>9} {'fast eager':>16} {'fast graph':>16} "
+             f"{'fast + gsplat':>16} {'graph / gsplat':>14}"]
+    for cfg in result["configs"]:
+        for b in sorted({r["batch"] for r in cfg["rows"]}):
+            rows = [r for r in cfg["rows"] if r["batch"] == b]
+            fwd = best(rows, lambda r: r["pipeline"] == "forward")
+            eager = best(rows, lambda r: r["pipeline"].startswith("fast") and not r["graph"] and r["rasterizer"] == "ours")
+            graph = best(rows, lambda r: r["graph"])
+            gs = best(rows, lambda r: r["rasterizer"] == "gsplat")
+            ratio = f"{graph['fps'] / gs['fps']:>13.2f}x" if graph and gs else f"{'-':>14}"
+            fwd_fps = f"{fwd['fps']:.0f}" if fwd else "-"
+            lines.append(f"{cfg['uv_size']:>4} {cfg['gaussians']:>6} {b:>5} {fwd_fps:>9} "
+                         f"{cell(eager)} {cell(graph)} {cell(gs)} {ratio}")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", metavar="DIR", default=None,
                         help="trained run folder (default: an untrained avatar on the procedural head)")
@@ -354,7 +381,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph rows")
     parser.add_argument("--no-gsplat", action="store_true", help="skip the gsplat rows")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help="time budget of the measurements; later rows are skipped and marked (default 200 on a "
+                        help="time budget of the measurements; later rows are skipped and marked (default 170 on a "
                              "GPU, none on a CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", metavar="FILE", default=None, help="JSON output (default benchmarks/results/"
@@ -410,7 +437,7 @@ def run(args: argparse.Namespace) -> int:
         (None, "skipped (needs CUDA)") if not gpu else gsplat_rasterizer())
     print(f"flashavatar bench on {label}; gsplat: {gsplat_note}", flush=True)
     t0 = time.perf_counter()
-    budget = args.max_seconds if args.max_seconds is not None else (200.0 if gpu else None)
+    budget = args.max_seconds if args.max_seconds is not None else (170.0 if gpu else None)
     deadline = None if budget is None or budget <= 0 else t0 + budget
     out = Path(args.out) if args.out else Path("benchmarks/results") / f"end_to_end_{device.type}.json"
     configs = []
@@ -438,5 +465,6 @@ def run(args: argparse.Namespace) -> int:
                   "warmup": warmup, "seconds": time.perf_counter() - t0, "configs": configs}
         atomic_write_text(out, json.dumps(result, indent=1))  # after every avatar: a cut-off run keeps its rows
     print(format_table(result))
+    print(format_summary(result))
     print(f"results: {out} ({result['seconds']:.0f} s)")
     return 0
