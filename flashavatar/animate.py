@@ -186,6 +186,8 @@ class Animator:
         avatar: a :class:`~flashavatar.model.GaussianAvatar` (any device; the animator lives on its device).
         mlp_dtype: ``"fp32"`` (default: same results as the model), ``"bf16"`` or ``"fp16"`` for the MLP.
         restrict_flame: skin only the vertices the Gaussians' triangles use (same result, less work).
+        compile: ``torch.compile`` FLAME and the assembly (True = inductor, or a backend name); the first call
+            per batch size compiles.
 
     Per-frame methods (``B`` frames, ``N`` Gaussians, ``U`` used vertices, ``K`` SH coefficients)::
 
@@ -197,11 +199,20 @@ class Animator:
         render(codes, viewmats [B,C,4,4], Ks [B,C,3,3], width, height, ...) -> image [B,C,H,W,3], alpha, meta
     """
 
-    def __init__(self, avatar, *, mlp_dtype: str | torch.dtype | None = "fp32", restrict_flame: bool = True):
+    def __init__(self, avatar, *, mlp_dtype: str | torch.dtype | None = "fp32", restrict_flame: bool = True,
+                 compile: bool | str = False):
         self.avatar = avatar
         self.mlp_dtype = _as_dtype(mlp_dtype)
         self.restrict_flame = bool(restrict_flame)
         self.refresh()
+        # FLAME and the assembly are chains of small element-wise ops: torch.compile fuses them into a few kernels
+        # (what matters at batch 1). ``compile`` = True (inductor) or a backend name; one graph per batch size.
+        self.compiled = compile
+        self._vertices_fn, self._assemble_fn = self._vertices_core, self._assemble_core
+        if compile:
+            kw = {} if compile is True else {"backend": compile}
+            self._vertices_fn = torch.compile(self._vertices_core, fullgraph=True, dynamic=False, **kw)
+            self._assemble_fn = torch.compile(self._assemble_core, fullgraph=True, dynamic=False, **kw)
 
     # ---------------------------------------------------------------------------------------- precompute
     @torch.no_grad()
@@ -295,8 +306,14 @@ class Animator:
         if tuple(c.jaw.shape) != (B, 6) or tuple(c.eyes.shape) != (B, 12) or tuple(c.eyelids.shape) != (B, 2):
             raise ValueError(f"Animator: jaw {tuple(c.jaw.shape)}, eyes {tuple(c.eyes.shape)}, eyelids "
                              f"{tuple(c.eyelids.shape)} must be [{B}, 6], [{B}, 12], [{B}, 2]")
+        return self._vertices_fn(shape, expr, c.jaw.to(f32), c.eyes.to(f32), c.eyelids.to(f32))
+
+    def _vertices_core(self, shape: Tensor, expr: Tensor, jaw: Tensor, eyes: Tensor, eyelids: Tensor) -> Tensor:
+        """FLAME on the used vertices for float32 ``shape [1|B, S]``, ``expr [B, E]``, ``jaw [B, 6]``, ``eyes [B, 12]``,
+        ``eyelids [B, 2]`` -> ``[B, U, 3]``."""
+        B = expr.shape[0]
         U = self.n_used
-        rot = rot6d_to_matrix(torch.cat((c.jaw, c.eyes), dim=1).to(f32).view(B, 3, 6))  # [B, 3, 3, 3]
+        rot = rot6d_to_matrix(torch.cat((jaw, eyes), dim=1).view(B, 3, 6))  # [B, 3, 3, 3]
         eye = self.eye3
         pose_feature = (rot - eye).reshape(B, 27)
         # joints 1 (neck) is the identity: its 9 pose features are zero, joints 2..4 follow
@@ -323,7 +340,7 @@ class Animator:
         T = torch.matmul(self.lbs_weights, A).view(B, U, 3, 4)  # blended transforms
         verts = (T @ v_posed[..., None]).view(B, U * 3)
         if self.has_eyelids:
-            verts = torch.addmm(verts, c.eyelids.to(f32), self.eyelid_dirs)
+            verts = torch.addmm(verts, eyelids, self.eyelid_dirs)
         return verts.view(B, U, 3)
 
     def mlp(self, cond: Tensor) -> Tensor:
@@ -349,6 +366,16 @@ class Animator:
     def assemble(self, verts: Tensor, raw: Tensor, sh_degree: int | None = None) -> dict[str, Any]:
         """Gaussians from the posed used vertices ``[B, U, 3]`` and the MLP outputs ``[B, N, 10]``."""
         B, N = raw.shape[0], self.n_gaussians
+        if tuple(raw.shape) != (B, N, 10) or tuple(verts.shape) != (B, self.n_used, 3):
+            raise ValueError(f"Animator.assemble: verts {tuple(verts.shape)} / raw {tuple(raw.shape)}, expected "
+                             f"[{B}, {self.n_used}, 3] / [{B}, {N}, 10]")
+        means, quats, scales = self._assemble_fn(verts, raw)
+        d = self.avatar.active_sh_degree if sh_degree is None else int(sh_degree)
+        k = (d + 1) ** 2
+        return {"means": means, "quats": quats, "scales": scales,
+                "opacities": self.opacities.expand(B, N), "sh": self.sh[:, :k].expand(B, N, k, 3), "sh_degree": d}
+
+    def _assemble_core(self, verts: Tensor, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         tri = verts[:, self.local_faces]  # [B, N, 3 corners, 3]
         pts = self.tri_weights @ tri  # [B, N, 3, 3]: surface point, edge 0->1, edge 0->2
         means = torch.add(pts[:, :, 0], raw[..., :3], alpha=self.offset_scale)
@@ -368,10 +395,7 @@ class Animator:
             frame = matrix_to_quat_fast(frame_t, transposed=True, tables=self.quat_tables)
             quats = quat_multiply_fast(frame, q_local, self.hamilton)
             log_s = self.log_scale + delta_scale
-        d = self.avatar.active_sh_degree if sh_degree is None else int(sh_degree)
-        k = (d + 1) ** 2
-        return {"means": means, "quats": quats, "scales": torch.exp(log_s),
-                "opacities": self.opacities.expand(B, N), "sh": self.sh[:, :k].expand(B, N, k, 3), "sh_degree": d}
+        return means, quats, torch.exp(log_s)
 
     def gaussians(self, codes, sh_degree: int | None = None) -> dict[str, Any]:
         """FLAME → MLP → Gaussians for ``B`` frames of codes (:class:`FlameCodes` or dict)."""

@@ -113,6 +113,16 @@ def test_graphed_renderer_runs_eagerly_without_cuda_and_takes_new_codes(head):
         torch.testing.assert_close(out, ref)
 
 
+def test_compiled_stages_trace_without_graph_breaks_and_match(head):
+    """torch.compile(fullgraph=True) of FLAME and the assembly (aot_eager here: the tracing, not the codegen)."""
+    a = trained_like(head)
+    codes = random_codes(head[0], 2, seed=8)
+    ref = Animator(a).gaussians(codes)
+    g = Animator(a, compile="aot_eager").gaussians(codes)
+    for k in ("means", "quats", "scales"):
+        torch.testing.assert_close(g[k], ref[k], atol=1e-6, rtol=1e-5)
+
+
 def test_bad_inputs_are_named(head):
     a = trained_like(head)
     an = Animator(a)
