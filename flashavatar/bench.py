@@ -484,8 +484,8 @@ def run(args: argparse.Namespace) -> int:
         gpu = device.type == "cuda"
         res = args.resolution or (512 if gpu else 128)
         batches = args.batch_sizes or ([1, 16, 64] if gpu else [1, 4])
-        repeats = args.repeats or (30 if gpu else 3)
-        warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+        repeats = args.repeats or (20 if gpu else 3)
+        warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
         dtypes = args.dtypes or ["fp32", "bf16"]
         if res < 8 or min(batches) < 1 or repeats < 1 or warmup < 0:
             raise ValueError("--resolution must be >= 8, --batch-sizes and --repeats >= 1, --warmup >= 0")
