@@ -443,7 +443,8 @@ class GraphedRenderer:
                  rasterizer=None, codes=None):
         dev = animator.device
         if viewmats.dim() != 4 or viewmats.shape[0] != batch or viewmats.shape[-2:] != (4, 4):
-            raise ValueError(f"GraphedRenderer: viewmats has shape {tuple(viewmats.shape)}, expected [{batch}, C, 4, 4]")
+            raise ValueError(f"GraphedRenderer: viewmats has shape {tuple(viewmats.shape)}, "
+                             f"expected [{batch}, C, 4, 4]")
         C = viewmats.shape[1]
         if tuple(Ks.shape) != (batch, C, 3, 3):
             raise ValueError(f"GraphedRenderer: Ks has shape {tuple(Ks.shape)}, expected [{batch}, {C}, 3, 3]")

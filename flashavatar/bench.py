@@ -287,7 +287,8 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
                     except Exception as exc:  # noqa: BLE001 - keep the other numbers
                         st[name] = None
                         st[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
-                st["mlp_tflops"] = mlp_flops_per_frame(avatar) * b / (st["mlp"] * 1e-3) / 1e12 if st.get("mlp") else None
+                mlp_ms = st.get("mlp")
+                st["mlp_tflops"] = mlp_flops_per_frame(avatar) * b / (mlp_ms * 1e-3) / 1e12 if mlp_ms else None
                 stage_rows.append(st)
             del verts, raw, g, stage_fns
             if gsplat_fn is not None:
@@ -396,7 +397,8 @@ def format_summary(result: dict[str, Any]) -> str:
         for b in sorted({r["batch"] for r in cfg["rows"]}):
             rows = [r for r in cfg["rows"] if r["batch"] == b]
             fwd = best(rows, lambda r: r["pipeline"] == "forward")
-            eager = best(rows, lambda r: r["pipeline"].startswith("fast") and not r["graph"] and r["rasterizer"] == "ours")
+            eager = best(rows, lambda r: r["pipeline"].startswith("fast") and not r["graph"]
+                         and r["rasterizer"] == "ours")
             graph = best(rows, lambda r: r["graph"])
             gs = best(rows, lambda r: r["rasterizer"] == "gsplat")
             ratio = f"{graph['fps'] / gs['fps']:>13.2f}x" if graph and gs else f"{'-':>14}"
