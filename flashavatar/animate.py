@@ -237,6 +237,11 @@ class Animator:
         self.w_out_t = a.mlp_out.weight.to(dt).t().contiguous()  # [H, 10]
         self.w_out_t32 = a.mlp_out.weight.to(f32).t().contiguous()  # [H, 10]
         self.b_out = a.mlp_out.bias.to(f32)  # [10]
+        if dt == torch.float16:  # float16 tops out at 65504: refuse weights it cannot hold (bf16 has the range)
+            tensors = [self.h_pe, self.w_out_t] + [w for pair in self.hidden for w in pair]
+            big = max(float(t.abs().max()) for t in tensors)
+            if not big < 6e4:
+                raise ValueError(f"Animator: MLP values up to {big:.3g} overflow float16; use mlp_dtype='bf16'")
         self._mm_out_dtype = dt != f32 and self.device.type == "cuda" and _has_mm_out_dtype(self.device, dt)
         self._fused_relu = self.device.type == "cuda" and _has_fused_addmm_relu(self.device, dt)
 

@@ -128,6 +128,11 @@ def test_bad_inputs_are_named(head):
     an = Animator(a)
     with pytest.raises(ValueError, match="mlp_dtype"):
         Animator(a, mlp_dtype="int8")
+    huge = trained_like(head)
+    with torch.no_grad():
+        huge.mlp_hidden[0].weight.mul_(1e6)
+    with pytest.raises(ValueError, match="float16"):
+        Animator(huge, mlp_dtype="fp16")
     with pytest.raises(ValueError, match="cond"):
         an.mlp(torch.zeros(2, 7))
     codes = random_codes(head[0], 2)
