@@ -69,6 +69,9 @@ class _Detached:
         return (_Detached(m) if isinstance(m, torch.nn.Module) else m for m in self._module)
 
 
+_MLP_ROWS = 2_000_000  # rows (Gaussians x frames) per MLP chunk
+
+
 def _has_mm_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this torch has ``mm(a, b, out_dtype=float32)`` for ``dtype`` operands on ``device``."""
     try:
@@ -354,19 +357,27 @@ class Animator:
             raise ValueError(f"Animator.mlp: cond has shape {tuple(cond.shape)}, expected [B, {self.cond_dim}]")
         B, N = cond.shape[0], self.n_gaussians
         c = (cond.to(torch.float32) @ self.w_cond_t).to(self.mlp_dtype)  # [B, H]
-        h = torch.relu_(self.h_pe[None] + c[:, None]).view(B * N, -1)  # [B*N, H]
+        # frames in chunks of <= _MLP_ROWS rows: cuBLASLt's fused epilogue takes at most ~2M rows per GEMM, and
+        # the activations of a chunk are all that is alive at once
+        per = max(1, _MLP_ROWS // max(1, N))
+        outs = [self._mlp_chunk(c[i:i + per]) for i in range(0, B, per)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return torch.tanh(out).view(B, N, 10)
+
+    def _mlp_chunk(self, c: Tensor) -> Tensor:
+        """Pre-tanh outputs ``[b*N, 10]`` (float32) for the per-frame first-layer parts ``c [b, H]``."""
+        h = torch.relu_(self.h_pe[None] + c[:, None]).view(c.shape[0] * self.n_gaussians, -1)  # [b*N, H]
         for w_t, b in self.hidden:
             if self._fused_relu:  # cuBLASLt bias + ReLU epilogue: one pass over the activations instead of two
                 h = torch._addmm_activation(b, h, w_t)
             else:
                 h = torch.relu_(torch.addmm(b, h, w_t))
         if h.dtype == torch.float32:
-            out = torch.addmm(self.b_out, h, self.w_out_t32)  # [B*N, 10]
-        elif self._mm_out_dtype:
-            out = torch.mm(h, self.w_out_t, out_dtype=torch.float32).add_(self.b_out)
-        else:  # products of the rounded activations, accumulated and returned in float32
-            out = torch.addmm(self.b_out, h.to(torch.float32), self.w_out_t.to(torch.float32))
-        return torch.tanh(out).view(B, N, 10)
+            return torch.addmm(self.b_out, h, self.w_out_t32)  # [b*N, 10]
+        if self._mm_out_dtype:
+            return torch.mm(h, self.w_out_t, out_dtype=torch.float32).add_(self.b_out)
+        # products of the rounded activations, accumulated and returned in float32
+        return torch.addmm(self.b_out, h.to(torch.float32), self.w_out_t.to(torch.float32))
 
     def assemble(self, verts: Tensor, raw: Tensor, sh_degree: int | None = None) -> dict[str, Any]:
         """Gaussians from the posed used vertices ``[B, U, 3]`` and the MLP outputs ``[B, N, 10]``."""

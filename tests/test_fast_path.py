@@ -123,6 +123,16 @@ def test_compiled_stages_trace_without_graph_breaks_and_match(head):
         torch.testing.assert_close(g[k], ref[k], atol=1e-6, rtol=1e-5)
 
 
+def test_mlp_in_frame_chunks_equals_one_pass(head, monkeypatch):
+    import flashavatar.animate as animate
+
+    an = Animator(trained_like(head), mlp_dtype="bf16")
+    cond = FlameCodes.from_any(random_codes(head[0], 5)).condition()
+    whole = an.mlp(cond)
+    monkeypatch.setattr(animate, "_MLP_ROWS", 2 * an.n_gaussians)  # 2 frames per chunk: 2 + 2 + 1
+    torch.testing.assert_close(an.mlp(cond), whole, atol=0, rtol=0)
+
+
 def test_bad_inputs_are_named(head):
     a = trained_like(head)
     an = Animator(a)
