@@ -1,12 +1,8 @@
 """From a config to frames in memory and a built avatar (the glue between the data layout and training).
 
-Reads the layout of SPEC 1 directly::
-
-    <data_root>/<subject>/imgs/00001.jpg  alpha/00001.jpg  parsing/00001_neckhead.png  parsing/00001_mouth.png
-    <tracker_root>/<subject>/checkpoint/00000.frame        (tracker file k pairs with image k + frame_offset)
-
-Tracker files are torch pickles and are read with ``weights_only=False``: use only files you trust.
-Every bad or missing file is reported by name. The default head model is ``<data_root>/flame/
+Frames are read by :class:`flashavatar.data.FlashAvatarDataset` (the layout of SPEC 1; tracker files are
+pickles read with ``weights_only=False``: use only files you trust; every bad file is reported by name) and
+kept in memory as one :class:`~flashavatar.session.FrameSet` per split. The default head model is ``<data_root>/flame/
 generic_model.pkl`` with ``head_template.obj`` beside it (the layout `flashavatar synth` writes); the
 default tracker root is ``<data_root>/tracker`` when it exists, else ``<data_root>``.
 """
@@ -16,7 +12,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -54,154 +49,38 @@ def head_model_of(cfg: Config) -> tuple[Path, Path]:
     return pkl, obj
 
 
-def _get(frame: dict, path: str, file: Path):
-    """``frame['flame']['exp']`` or ``frame['flame.exp']``."""
-    if path in frame:
-        return frame[path]
-    node: Any = frame
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(f"{file}: tracker file has no '{path}'")
-        node = node[part]
-    return node
-
-
-def _arr(x, shape_tail: tuple, name: str, file: Path) -> np.ndarray:
-    a = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
-    a = a.reshape(-1, *shape_tail) if a.size == int(np.prod(shape_tail)) else a
-    if a.shape[1:] != shape_tail or a.shape[0] != 1:
-        raise ValueError(f"{file}: '{name}' has shape {a.shape}, expected (1, {', '.join(map(str, shape_tail))})")
-    return a[0]
-
-
-@dataclass
-class TrackerFrame:
-    index: int
-    shape: np.ndarray
-    expr: np.ndarray
-    jaw: np.ndarray
-    eyes: np.ndarray
-    eyelids: np.ndarray
-    viewmat: np.ndarray  # [4, 4]
-    K: np.ndarray  # [3, 3]
-    img_hw: tuple[int, int]
-
-
-def read_tracker_frame(file: Path) -> TrackerFrame:
-    try:
-        frame = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"{file}: cannot read tracker file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(frame, dict):
-        raise ValueError(f"{file}: tracker file must hold a dict, got {type(frame).__name__}")
-    exp = np.asarray(_get(frame, "flame.exp", file), dtype=np.float32).reshape(1, -1)
-    shape = np.asarray(_get(frame, "flame.shape", file), dtype=np.float32).reshape(1, -1)
-    jaw = _arr(_get(frame, "flame.jaw", file), (6,), "flame.jaw", file)
-    eyes = _arr(_get(frame, "flame.eyes", file), (12,), "flame.eyes", file)
-    try:
-        eyelids = _arr(_get(frame, "flame.eyelids", file), (2,), "flame.eyelids", file)
-    except KeyError:
-        eyelids = np.zeros(2, np.float32)
-    R = _arr(_get(frame, "opencv.R", file), (3, 3), "opencv.R", file)
-    t = _arr(_get(frame, "opencv.t", file), (3,), "opencv.t", file)
-    K = _arr(_get(frame, "opencv.K", file), (3, 3), "opencv.K", file)
-    hw = np.asarray(_get(frame, "img_size", file)).reshape(-1)
-    if hw.size != 2:
-        raise ValueError(f"{file}: 'img_size' must be [h, w], got {hw}")
-    view = np.eye(4, dtype=np.float32)
-    view[:3, :3], view[:3, 3] = R, t
-    return TrackerFrame(int(file.stem), shape[0], exp[0], jaw, eyes, eyelids, view, K, (int(hw[0]), int(hw[1])))
-
-
-def tracker_files(tracker_root: Path, subject: str) -> list[Path]:
-    folder = Path(tracker_root) / subject / "checkpoint"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"tracker folder not found: {folder} (expected <tracker_root>/<subject>/checkpoint/"
-                                "*.frame)")
-    files = sorted(folder.glob("*.frame"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1)
-    bad = [p.name for p in files if not p.stem.isdigit()]
-    if bad:
-        raise ValueError(f"{folder}: tracker files must be named NNNNN.frame, found {bad[:3]}")
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.frame tracker files")
-    return files
-
-
-def _read_image(path: Path, grey: bool = False) -> np.ndarray:
-    from PIL import Image
-
-    if not path.is_file():
-        raise FileNotFoundError(f"missing image: {path}")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L" if grey else "RGB"))
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
-
-
-def _codes(frames: list[TrackerFrame]) -> dict[str, torch.Tensor]:
-    def stack(name):
-        return torch.from_numpy(np.stack([getattr(f, name) for f in frames]))
-
-    out = {k: stack(k) for k in ("expr", "jaw", "eyes", "eyelids")}
-    out["shape"] = stack("shape")[:1] if frames else torch.zeros(1, 300)  # one identity per subject
-    return out
-
-
-def _frameset(frames: list[TrackerFrame], cfg: Config, image_dir: Path, load_images: bool) -> FrameSet:
-    n = len(frames)
-    if n == 0:
-        return FrameSet(torch.zeros(0, 1, 1, 3, dtype=torch.uint8), torch.zeros(0, 1, 1, dtype=torch.bool),
-                        torch.zeros(0, 1, 1, dtype=torch.bool), torch.zeros(0, 4, 4), torch.zeros(0, 3, 3),
-                        {k: torch.zeros(0 if k != "shape" else 1, d) for k, d in
-                         (("shape", 300), ("expr", 100), ("jaw", 6), ("eyes", 12), ("eyelids", 2))},
-                        torch.zeros(0, dtype=torch.long))
-    h, w = frames[0].img_hw
+def _frameset(ds, load_images: bool) -> FrameSet:
+    """Everything of one split in memory: uint8 ground truth (composited over the background, SPEC 1), masks,
+    cameras and codes."""
+    n, h, w = len(ds), ds.height, ds.width
     gt = torch.zeros(n, h, w, 3, dtype=torch.uint8)
     head = torch.zeros(n, h, w, dtype=torch.bool)
     mouth = torch.zeros(n, h, w, dtype=torch.bool)
-    bg = np.asarray(background_color(cfg.data.background), np.float32)
     if load_images:
-        off = cfg.data.frame_offset
-        for i, f in enumerate(frames):
-            name = f"{f.index + off:05d}"
-            img = _read_image(image_dir / "imgs" / f"{name}.jpg")
-            if img.shape[:2] != (h, w):
-                raise ValueError(f"{image_dir / 'imgs' / (name + '.jpg')}: image is {img.shape[1]}x{img.shape[0]}"
-                                 f" (w x h) but the tracker's img_size says {w}x{h}")
-            alpha = _read_image(image_dir / "alpha" / f"{name}.jpg", grey=True).astype(np.float32)[..., None] / 255
-            m_head = _read_image(image_dir / "parsing" / f"{name}_neckhead.png", grey=True)[..., None] > 127
-            m_mouth = _read_image(image_dir / "parsing" / f"{name}_mouth.png", grey=True) > 127
-            for what, arr in (("alpha", alpha), ("neckhead mask", m_head)):
-                if arr.shape[:2] != (h, w):
-                    raise ValueError(f"{image_dir}: {what} of frame {name} is {arr.shape[1]}x{arr.shape[0]}, "
-                                     f"expected {w}x{h}")
-            comp = img.astype(np.float32) / 255 * alpha + bg * (1 - alpha)
-            comp = np.where(m_head, comp, bg)
-            gt[i] = torch.from_numpy((comp * 255 + 0.5).astype(np.uint8))
-            head[i] = torch.from_numpy(m_head[..., 0])
-            mouth[i] = torch.from_numpy(m_mouth)
-    return FrameSet(gt, head, mouth, torch.from_numpy(np.stack([f.viewmat for f in frames])),
-                    torch.from_numpy(np.stack([f.K for f in frames])), _codes(frames),
-                    torch.tensor([f.index for f in frames], dtype=torch.long))
+        from .data import compose_gt
+
+        for i in range(n):
+            im = ds.load_images(i)
+            gt[i] = (compose_gt(im["image"], im["alpha"], im["head_mask"], ds.background) * 255 + 0.5).to(torch.uint8)
+            head[i], mouth[i] = im["head_mask"], im["mouth_mask"]
+    codes = {k: v.clone() for k, v in ds.codes.as_dict().items()}
+    codes["shape"] = codes["shape"][:1]  # one identity per subject
+    return FrameSet(gt, head, mouth, ds.viewmats.clone(), ds.Ks.clone(), codes,
+                    torch.tensor(ds.frame_indices, dtype=torch.long))
 
 
 def load_subject(cfg: Config, *, load_frames: bool = True) -> tuple[FrameSet, FrameSet, Path, Path]:
-    """(train frames, test frames, head model pkl, template obj) of the configured subject."""
-    image_dir = Path(cfg.data.data_root) / cfg.data.subject
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"subject folder not found: {image_dir} (data.data_root / data.subject; "
-                                "make a synthetic one with `flashavatar synth`)")
-    files = tracker_files(tracker_root_of(cfg), cfg.data.subject)
-    frames = [read_tracker_frame(f) for f in files]
-    sizes = {f.img_hw for f in frames}
-    if len(sizes) > 1:
-        raise ValueError(f"{files[0].parent}: tracker files disagree on img_size: {sorted(sizes)}")
-    n_test = min(cfg.data.n_test, max(0, len(frames) - 1))
-    train = frames[: len(frames) - n_test][: cfg.data.max_train]
-    test = frames[len(frames) - n_test:]
+    """(train frames, test frames, head model pkl, template obj) of the configured subject, read with
+    :class:`flashavatar.data.FlashAvatarDataset` (errors name the file at fault)."""
+    from .data import FlashAvatarDataset
+
+    d = cfg.data
+    common = dict(frame_offset=d.frame_offset, n_test=d.n_test, max_train=d.max_train,
+                  background=background_color(d.background))
+    train = FlashAvatarDataset(d.data_root, tracker_root_of(cfg), d.subject, "train", **common)
+    test = FlashAvatarDataset(d.data_root, tracker_root_of(cfg), d.subject, "test", check_files=False, **common)
     pkl, obj = head_model_of(cfg)
-    return (_frameset(train, cfg, image_dir, load_frames), _frameset(test, cfg, image_dir, load_frames), pkl, obj)
+    return _frameset(train, load_frames), _frameset(test, load_frames), pkl, obj
 
 
 def build_avatar(cfg: Config, head_model: Path, template: Path, frames: FrameSet, device: torch.device):
@@ -229,7 +108,15 @@ class TrackerSequence:
 
 
 def load_tracker_sequence(tracker_root: str | Path, subject: str) -> TrackerSequence:
-    frames = [read_tracker_frame(f) for f in tracker_files(Path(tracker_root), subject)]
-    return TrackerSequence(_codes(frames), torch.from_numpy(np.stack([f.viewmat for f in frames])),
-                           torch.from_numpy(np.stack([f.K for f in frames])),
-                           torch.tensor([f.index for f in frames]), frames[0].img_hw)
+    """Every tracker frame of ``<tracker_root>/<subject>/checkpoint`` (trusted files only: they are pickles)."""
+    from .data import list_tracker_frames, load_tracker_frame
+
+    frames = [load_tracker_frame(p) for _, p in list_tracker_frames(Path(tracker_root) / subject / "checkpoint")]
+
+    def f32(values):
+        return torch.as_tensor(np.stack(values), dtype=torch.float32)
+
+    codes = {k: f32([getattr(f, k) for f in frames]) for k in ("shape", "expr", "jaw", "eyes", "eyelids")}
+    codes["shape"] = codes["shape"][:1]
+    return TrackerSequence(codes, f32([f.viewmat for f in frames]), f32([f.K for f in frames]),
+                           torch.tensor([f.frame_index for f in frames]), (frames[0].height, frames[0].width))
