@@ -233,6 +233,9 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None, *, l
     dev = resolve_device(device or cfg.train.device)
     session = AvatarSession.build(cfg, dev, load_frames=load_frames)
     ckpt = load_checkpoint(ckpt_path, map_location=dev)
-    session.avatar.load_state_dict(ckpt["model"])
+    from .train import load_model_state
+
+    load_model_state(session.avatar, ckpt, ckpt_path)
+    session.avatar.active_sh_degree = session.sh_degree
     session.avatar.eval()
     return session, ckpt

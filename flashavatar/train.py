@@ -116,7 +116,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
-        self.avatar.load_state_dict(ckpt["model"])
+        load_model_state(self.avatar, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.iteration = int(ckpt["iteration"])
         set_rng_state(ckpt["rng"])
@@ -153,6 +153,7 @@ class Trainer:
             group["lr"] = base * factor
         idx, pairs = self._sample()
         batch = self.session.train_frames.batch(idx, self.device)
+        self.avatar.active_sh_degree = self.active_sh_degree(it)
         out = self.session.render(batch, sh_degree=self.active_sh_degree(it), want_residual=pairs > 0,
                                   want_surface=cfg.loss.emd_weight > 0 and it >= cfg.loss.emd_from)
         pred, gt = out["image"], batch["gt"]  # [B, H, W, 3]
@@ -297,6 +298,16 @@ class Trainer:
         except ImportError:  # tensorboard is optional
             return None
         return SummaryWriter(str(self.out / "tensorboard"))
+
+
+def load_model_state(avatar, ckpt: dict[str, Any], path: Path) -> None:
+    """Load the avatar's weights with an error that says which settings differ from the checkpoint's."""
+    try:
+        avatar.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        saved = ckpt.get("config", {}).get("model", {})
+        raise RuntimeError(f"checkpoint {path} was trained with other model settings ({saved}); use the same "
+                           f"model.* settings or a fresh --out folder ({str(exc).splitlines()[0]})") from None
 
 
 # --------------------------------------------------------------------------------------------- command

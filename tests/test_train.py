@@ -114,6 +114,8 @@ def test_ctrl_c_saves_and_returns(subject, tmp_path, monkeypatch):
     assert io_utils.load_checkpoint(trainer.ckpt_path)["iteration"] == 4
     again = Trainer(tiny_config(subject, train={"iterations": 20}), tmp_path / "run", device="cpu")
     assert again.iteration == 4
+    with pytest.raises(RuntimeError, match="other model settings"):
+        Trainer(tiny_config(subject, model={"uv_size": 20}), tmp_path / "run", device="cpu")
 
 
 def test_emd_and_w2_terms_are_finite_and_reported(subject, tmp_path):
