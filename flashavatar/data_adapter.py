@@ -77,7 +77,9 @@ def load_subject(cfg: Config, *, load_frames: bool = True) -> tuple[FrameSet, Fr
     d = cfg.data
     common = dict(frame_offset=d.frame_offset, n_test=d.n_test, max_train=d.max_train,
                   background=background_color(d.background))
-    train = FlashAvatarDataset(d.data_root, tracker_root_of(cfg), d.subject, "train", **common)
+    # without frames (bench, inspect) only the tracker files are needed
+    train = FlashAvatarDataset(d.data_root, tracker_root_of(cfg), d.subject, "train", check_files=load_frames,
+                               **common)
     test = FlashAvatarDataset(d.data_root, tracker_root_of(cfg), d.subject, "test", check_files=False, **common)
     pkl, obj = head_model_of(cfg)
     return _frameset(train, load_frames), _frameset(test, load_frames), pkl, obj
