@@ -127,9 +127,14 @@ def gsplat_rasterizer() -> tuple[Callable | None, str]:
 
     def raster(means, quats, scales, opacities, colors, viewmats, Ks, width, height, *, sh_degree=None,
                backgrounds=None):
-        return gsplat.rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-                                    sh_degree=sh_degree, near_plane=0.01, backgrounds=backgrounds,
-                                    rasterize_mode="classic")
+        # gsplat 1.5.3's packed path asserts backgrounds of shape [channels] whatever the batch, so the
+        # background is composited here instead: render + (1 - alpha) * background.
+        render, alpha, meta = gsplat.rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width,
+                                                   height, sh_degree=sh_degree, near_plane=0.01,
+                                                   rasterize_mode="classic")
+        if backgrounds is not None:
+            render = render + (1.0 - alpha) * backgrounds[..., None, None, :]
+        return render, alpha, meta
 
     return raster, f"gsplat {gsplat.__version__}"
 
