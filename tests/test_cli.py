@@ -72,6 +72,7 @@ def test_bad_paths_and_settings_give_clear_errors(subject, tmp_path, capsys):
     assert "none.pkl" in capsys.readouterr().out
 
 
+@pytest.mark.video
 def test_train_render_export_reenact_bench_through_the_command(subject, tmp_path, capsys):
     run = tmp_path / "run"
     data = str(subject / "data")

@@ -61,6 +61,7 @@ def read(path):
 # frames
 
 
+@pytest.mark.video
 def test_prepare_writes_numbered_square_frames(video, tmp_path):
     path, frames = video
     result = P.prepare_frames(path, tmp_path / "subj", size=64, box="0,0,96,96", progress=False)
@@ -78,6 +79,7 @@ def test_prepare_writes_numbered_square_frames(video, tmp_path):
     assert manifest["box"] == [0, 0, 96, 96] and manifest["frames"] == N_FRAMES
 
 
+@pytest.mark.video
 def test_fps_and_time_range_select_source_frames(video, tmp_path):
     path, frames = video
     result = P.prepare_frames(path, tmp_path / "s", size=32, fps=FPS / 2, start=0.5, end=1.5, box="0,0,96,96",
@@ -93,6 +95,7 @@ def test_fps_and_time_range_select_source_frames(video, tmp_path):
     assert limited["frames"] == 5 and len(list((tmp_path / "t" / "imgs").glob("*.jpg"))) == 5
 
 
+@pytest.mark.video
 def test_resume_writes_nothing_new_and_fills_holes(video, tmp_path):
     path, _ = video
     P.prepare_frames(path, tmp_path / "s", size=32, box="0,0,96,96", progress=False)
@@ -116,6 +119,7 @@ def test_resume_writes_nothing_new_and_fills_holes(video, tmp_path):
         P.prepare_frames(path, tmp_path / "s", size=48, box="0,0,96,96", progress=False)
 
 
+@pytest.mark.video
 def test_alpha_video_is_cropped_like_the_frames(video, tmp_path, capsys):
     path, frames = video
     mattes = np.where((frames == np.array(SKIN, np.uint8)).all(-1, keepdims=True), 255, 0).astype(np.uint8)
@@ -137,6 +141,7 @@ def test_alpha_video_is_cropped_like_the_frames(video, tmp_path, capsys):
     assert "--alpha-video needs VIDEO" in capsys.readouterr().err
 
 
+@pytest.mark.video
 def test_automatic_box_finds_the_skin_region(video, tmp_path):
     path, _ = video
     result = P.prepare_frames(path, tmp_path / "s", size=32, box_scale=1.5, box_frames=4, progress=False)
@@ -152,6 +157,7 @@ def test_automatic_box_finds_the_skin_region(video, tmp_path):
     assert again["box"] == result["box"] and again["written"] == 0
 
 
+@pytest.mark.video
 def test_automatic_box_falls_back_to_the_centre_square(tmp_path):
     path = encode(tmp_path / "noskin.mp4", synthetic_frames(6, skin=False))
     result = P.prepare_frames(path, tmp_path / "s", size=32, progress=False)
@@ -326,6 +332,7 @@ def test_masks_and_alpha_from_numbered_inputs(tmp_path):
         P.write_masks_and_alpha(subject, labels_dir=labels_dir, overwrite=True, progress=False)
 
 
+@pytest.mark.video
 def test_cli_prepare_end_to_end_with_check(video, tmp_path, capsys):
     path, _ = video
     labels_dir = tmp_path / "labels"
@@ -390,6 +397,7 @@ def test_face_parser_shapes_on_random_weights(tmp_path):
     assert all(m.shape == (64, 64) for m in maps)
 
 
+@pytest.mark.video
 def test_synthetic_subject_video_round_trip(tmp_path):
     """Frames of the synthetic subject -> MP4 -> prepare (frames, masks from label maps, alpha) -> the
     validator passes with the subject's tracker files, and the masks equal the subject's."""

@@ -142,6 +142,7 @@ def trained_run(tmp_path_factory):
     return root, trainer
 
 
+@pytest.mark.video
 def test_render_writes_frames_video_and_metrics(trained_run, tmp_path):
     import imageio.v3 as iio
 
@@ -174,6 +175,7 @@ def test_render_writes_frames_video_and_metrics(trained_run, tmp_path):
     assert metrics.psnr(pred, gt).item() == pytest.approx(saved["per_frame"]["psnr_full"][0], abs=0.2)
 
 
+@pytest.mark.video
 def test_export_and_reenact_produce_valid_files(trained_run, tmp_path):
     import imageio.v3 as iio
 
