@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .model.avatar import positional_encoding
 from .model.camera import rot6d_to_matrix
-from .model.flame import FlameCodes
+from .model.flame import FlameCodes, kinematic_chain
 
 __all__ = ["Animator", "GraphedRenderer", "MLP_DTYPES"]
 
@@ -334,14 +334,7 @@ class Animator:
         if self.flat_chain:
             A_R = rots
         else:  # general chain: world rotations and translations joint by joint
-            rel_J = torch.cat((J[:, :1], J[:, 1:] - J[:, self.parent_index]), dim=1)
-            world_R, world_t = [rots[:, 0]], [rel_J[:, 0]]
-            for j in range(1, 5):
-                p = self.parents[j]
-                world_R.append(world_R[p] @ rots[:, j])
-                world_t.append((world_R[p] @ rel_J[:, j, :, None])[..., 0] + world_t[p])
-            A_R = torch.stack(world_R, 1)  # [B, 5, 3, 3]
-            J = torch.stack(world_t, 1)  # world joint positions (before removing the rest pose)
+            A_R, J = kinematic_chain(rots, J, self.parents, self.parent_index)  # J: world joint positions
         # [R | t] per joint with t = world_t - R J_rest; for the flat chain world_t = J_rest
         A_t = J[..., None] - A_R @ lin[:, U * 4:].view(B, 5, 3, 1)  # [B, 5, 3, 1]
         A = torch.cat((A_R, A_t), dim=-1).reshape(B, 5, 12)  # [B, 5, 3x4]

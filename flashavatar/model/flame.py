@@ -278,6 +278,23 @@ def _load_optional_array(path: Path, expected_shape, what: str) -> np.ndarray:
     return arr
 
 
+def kinematic_chain(rots: torch.Tensor, J: torch.Tensor, parents, parent_index: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """World rotations ``[B, K, 3, 3]`` and world joint positions ``[B, K, 3]`` of a kinematic tree.
+
+    ``rots [B, K, 3, 3]`` are the local joint rotations, ``J [B, K, 3]`` the rest-pose joints, ``parents`` the
+    parent of each joint (joint 0 is the root, parents come before children) and ``parent_index`` the same
+    parents of joints 1.. as a device tensor (indexing with it needs no host copy).
+    """
+    rel_J = torch.cat((J[:, :1], J[:, 1:] - J[:, parent_index]), dim=1)
+    world_R, world_t = [rots[:, 0]], [rel_J[:, 0]]
+    for j in range(1, rots.shape[1]):
+        p = parents[j]
+        world_R.append(world_R[p] @ rots[:, j])
+        world_t.append((world_R[p] @ rel_J[:, j, :, None])[..., 0] + world_t[p])
+    return torch.stack(world_R, 1), torch.stack(world_t, 1)
+
+
 class FLAME(nn.Module):
     """FLAME 2020 with the metrical-tracker parameterisation.
 
@@ -445,15 +462,8 @@ class FLAME(nn.Module):
         v_posed = v_shaped + (pose_feature @ M("posedirs")).view(B, V, 3)
 
         # rigid chain: world transform of each joint, then remove the rest-pose joint location
-        rel_J = J.clone()
-        rel_J[:, 1:] = J[:, 1:] - J[:, self.parent_index]
-        world_R, world_t = [rots[:, 0]], [rel_J[:, 0]]
-        for j in range(1, 5):
-            p = self.parents[j]
-            world_R.append(world_R[p] @ rots[:, j])
-            world_t.append((world_R[p] @ rel_J[:, j, :, None])[..., 0] + world_t[p])
-        A_R = torch.stack(world_R, 1)  # [B, 5, 3, 3]
-        A_t = torch.stack(world_t, 1) - (A_R @ J[..., None])[..., 0]  # [B, 5, 3]
+        A_R, world_t = kinematic_chain(rots, J, self.parents, self.parent_index)
+        A_t = world_t - (A_R @ J[..., None])[..., 0]  # [B, 5, 3]
 
         w = M("lbs_weights")
         T_R = torch.einsum("vj,bjmn->bvmn", w, A_R)  # [B, V, 3, 3]
