@@ -70,6 +70,8 @@ class Trainer:
         self.test_loss_start: float | None = None
         self.perceptual = self._make_perceptual()
         self.rasterizer_name, _ = pick_rasterizer(self.device)
+        if cfg.loss.w2_weight > 0 and len(self.session.train_frames.pair_next) == 0:
+            log.warning("loss.w2_weight > 0 but the train split has no consecutive frames: no W2 term")
         self.session.check_finite = False  # no host read per step; a non-finite loss is caught at log steps
         if resume and self.ckpt_path.is_file():
             self.load(self.ckpt_path)
@@ -115,7 +117,8 @@ class Trainer:
         return path
 
     def load(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
+        # RNG states must stay CPU byte tensors; load_state_dict moves weights and moments to their devices
+        ckpt = load_checkpoint(path, map_location="cpu")
         load_model_state(self.avatar, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.iteration = int(ckpt["iteration"])
@@ -137,7 +140,7 @@ class Trainer:
         """Frame indices for one step: [B] or, with pairs, [2P] laid out as (t-1 of all pairs, t of all)."""
         data = self.session.train_frames
         bs = self.cfg.train.batch_size
-        if self.cfg.loss.w2_weight > 0 and len(data) > 1:
+        if self.cfg.loss.w2_weight > 0 and len(data.pair_next) > 0:
             pairs = max(1, bs // 2)
             t = torch.randint(0, len(data.pair_next), (pairs,), generator=self.sampler)
             prev, nxt = data.pair_prev[t], data.pair_next[t]
