@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from op_checks import assert_op_raises
 
 import flashavatar.ops as ops
 from flashavatar.ops import rasterize_gaussians
@@ -307,7 +308,9 @@ def test_dtype_and_device_mismatch_raise():
 
 
 def test_op_level_checks_name_argument():
-    (m, q, s, o, c, vm, K), _ = _scene(n=4, d=3, seed=96, cams=1)
-    with pytest.raises(RuntimeError, match=r"flashavatar::rasterize_fwd: quats must have shape \[1, 4, 4\]"):
-        torch.ops.flashavatar.rasterize_fwd(m[None], q[None, :, :3].contiguous(), s[None], o[None], c[None, :, None],
-                                            vm[None], K[None], None, W, H, -1, 0.01, 1e10, 0.3, 0)
+    # In a child process: a C++ exception must come back as a RuntimeError, never crash the test run.
+    assert_op_raises(f"""
+        m, q, s, o = torch.rand(1, 4, 3), torch.rand(1, 4, 3), torch.rand(1, 4, 3), torch.rand(1, 4)
+        c, vm, K = torch.rand(1, 4, 1, 3), torch.eye(4).expand(1, 1, 4, 4).contiguous(), torch.eye(3).expand(1, 1, 3, 3).contiguous()
+        torch.ops.flashavatar.rasterize_fwd(m, q, s, o, c, vm, K, None, {W}, {H}, -1, 0.01, 1e10, 0.3, 0)
+        """, r"flashavatar::rasterize_fwd: quats must have shape \[1, 4, 4\]")
