@@ -386,11 +386,14 @@ class Animator:
 
     def _assemble_core(self, verts: Tensor, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         tri = verts[:, self.local_faces]  # [B, N, 3 corners, 3]
-        pts = self.tri_weights @ tri  # [B, N, 3, 3]: surface point, edge 0->1, edge 0->2
+        # [B, N, 3, 3]: surface point, edge 0->1, edge 0->2. Written as three broadcast multiply-adds, not
+        # `tri_weights @ tri`: a matmul here is a batched GEMM of one 3x3 matrix per Gaussian (slow on GPUs).
+        w = self.tri_weights[..., None]  # [N, 3 outputs, 3 corners, 1]
+        pts = w[:, :, 0] * tri[:, :, None, 0] + w[:, :, 1] * tri[:, :, None, 1] + w[:, :, 2] * tri[:, :, None, 2]
         means = torch.add(pts[:, :, 0], raw[..., :3], alpha=self.offset_scale)
         q_delta = torch.cat((torch.exp(raw[..., 3:4]), raw[..., 4:7]), dim=-1)
         q_delta = q_delta / q_delta.norm(dim=-1, keepdim=True)
-        q_local = (self.L_base @ q_delta[..., None])[..., 0]  # q_base ⊗ q_delta [B, N, 4]
+        q_local = (self.L_base * q_delta[..., None, :]).sum(-1)  # q_base ⊗ q_delta [B, N, 4] (no tiny GEMMs)
         delta_scale = raw[..., 7:10]
         if self.parity:
             quats = q_local
