@@ -145,7 +145,7 @@ def bench_pipeline(avatar, codes: dict[str, torch.Tensor], view: torch.Tensor, K
                    sh_degree: int | None = None) -> list[dict[str, Any]]:
     """The ordinary path (``avatar(codes)`` + the picked rasteriser) for one camera: FPS and stage times per batch
     size (used by ``flashavatar demo``)."""
-    from .rasterize_fallback import pick_rasterizer
+    from .rasterizer_choice import pick_rasterizer
 
     name, raster = pick_rasterizer(device)
     d = avatar.max_sh_degree if sh_degree is None else sh_degree

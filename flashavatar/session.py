@@ -2,7 +2,7 @@
 
 :class:`FrameSet` holds one split compactly (uint8 images and masks, float cameras and FLAME codes) and
 hands out float batches on the compute device. :class:`AvatarSession` builds FLAME and the avatar from a
-config and renders batches of frames through :func:`flashavatar.rasterize_fallback.rasterize` (the compiled
+config and renders batches of frames through :func:`flashavatar.rasterizer_choice.pick_rasterizer` (the compiled
 rasteriser when it is built for the device).
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, background_color
-from .rasterize_fallback import pick_rasterizer
+from .rasterizer_choice import pick_rasterizer
 
 log = logging.getLogger("flashavatar")
 

@@ -31,7 +31,7 @@ from . import config as config_mod
 from . import losses, metrics
 from .config import Config
 from .io_utils import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_png
-from .rasterize_fallback import pick_rasterizer
+from .rasterizer_choice import pick_rasterizer
 from .session import AvatarSession, resolve_device
 
 log = logging.getLogger("flashavatar.train")
