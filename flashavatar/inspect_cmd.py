@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from flashavatar.data import masks as M
+from flashavatar.io_utils import atomic_write_text, atomic_write_with
 
 log = logging.getLogger("flashavatar.inspect")
 
@@ -350,24 +351,8 @@ def write_point_ply(path, points: np.ndarray, colours: np.ndarray) -> None:
     for i, name in enumerate(("red", "green", "blue")):
         vertex[name] = colours[:, i]
     data = PlyData([PlyElement.describe(vertex, "vertex")], text=False)
-    _atomic(Path(path), lambda handle: data.write(handle))
+    atomic_write_with(Path(path), lambda tmp: data.write(str(tmp)))
 
 
 def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-def _atomic(path: Path, write) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)

@@ -34,13 +34,13 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from flashavatar.data import masks as M
+from flashavatar.io_utils import atomic_write_text
 from flashavatar.data import video as V
 
 log = logging.getLogger("flashavatar.prepare")
@@ -496,8 +496,4 @@ def _read_manifest(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))

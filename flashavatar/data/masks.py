@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ..io_utils import atomic_write_with
 
 # index -> name, CelebAMask-HQ order as used by the face-parsing networks
 CELEBAMASK_CLASSES: tuple[str, ...] = (
@@ -190,13 +191,4 @@ def _write_image(path: Path, array: np.ndarray, *, format: str, **kwargs) -> Non
     array = np.ascontiguousarray(array)
     if array.dtype != np.uint8:
         raise ValueError(f"{path}: expected a uint8 image, got {array.dtype}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(array).save(handle, format=format, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_with(path, lambda tmp: Image.fromarray(array).save(tmp, format=format, **kwargs))

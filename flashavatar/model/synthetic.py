@@ -27,7 +27,6 @@ import math
 import os
 import pickle
 import sys
-import tempfile
 import time
 import types
 from contextlib import contextmanager
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..io_utils import atomic_write_bytes, atomic_write_with
 
 log = logging.getLogger(__name__)
 
@@ -57,33 +58,6 @@ EYE_ROWS, EYE_COLS = 10, 14
 
 
 # --------------------------------------------------------------------------------------- small utilities
-def _atomic_write_bytes(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_save(path: Path, writer):
-    """``writer(tmp_path)`` writes a file; it is moved into place atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _smoothstep(e0, e1, x):
     t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
     return t * t * (3 - 2 * t)
@@ -471,7 +445,7 @@ def write_obj(path: Path, vertices: np.ndarray, faces: np.ndarray, uvs=None, fac
                   for (a, b, c), (ta, tb, tc) in zip(faces, face_uvs)]
     else:
         lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
-    _atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode())
 
 
 def write_head_model(out_dir, *, seed: int = 0, chumpy_like: bool = True, texture_size: int = 512) -> Path:
@@ -493,13 +467,13 @@ def write_head_model(out_dir, *, seed: int = 0, chumpy_like: bool = True, textur
             blob = pickle.dumps(data, protocol=2)
     else:
         blob = pickle.dumps(data, protocol=2)
-    _atomic_write_bytes(out / "generic_model.pkl", blob)
+    atomic_write_bytes(out / "generic_model.pkl", blob)
     write_obj(out / "head_template.obj", head.v_template, head.faces, head.uvs, head.face_uvs)
     for name, arr in (("l_eyelid.npy", head.eyelids[0]), ("r_eyelid.npy", head.eyelids[1])):
-        _atomic_save(out / name, lambda tmp, a=arr: np.save(open(tmp, "wb"), a.astype(np.float32)))
+        atomic_write_with(out / name, lambda tmp, a=arr: np.save(open(tmp, "wb"), a.astype(np.float32)))
     tex = make_texture(head, texture_size)
     import imageio.v3 as iio
-    _atomic_save(out / "texture.png", lambda tmp: iio.imwrite(tmp, tex, extension=".png"))
+    atomic_write_with(out / "texture.png", lambda tmp: iio.imwrite(tmp, tex, extension=".png"))
     return out / "generic_model.pkl"
 
 
@@ -898,12 +872,12 @@ def _render_and_write(frames: list[int]) -> int:
     for k in frames:
         out = render_frame_codes(head, tex, verts[k], viewmats[k], K, height, width, supersample)
         name = f"{k + 1:05d}"
-        _atomic_save(subj / "imgs" / f"{name}.jpg",
+        atomic_write_with(subj / "imgs" / f"{name}.jpg",
                      lambda p: iio.imwrite(p, out["image"], extension=".jpg", quality=95))
         alpha8 = (out["alpha"] * 255 + 0.5).astype(np.uint8)
-        _atomic_save(subj / "alpha" / f"{name}.jpg", lambda p: iio.imwrite(p, alpha8, extension=".jpg", quality=95))
+        atomic_write_with(subj / "alpha" / f"{name}.jpg", lambda p: iio.imwrite(p, alpha8, extension=".jpg", quality=95))
         for part, m in (("neckhead", out["head_mask"]), ("mouth", out["mouth_mask"])):
-            _atomic_save(subj / "parsing" / f"{name}_{part}.png",
+            atomic_write_with(subj / "parsing" / f"{name}_{part}.png",
                          lambda p, m=m: iio.imwrite(p, m.astype(np.uint8) * 255, extension=".png"))
     return len(frames)
 
@@ -953,7 +927,7 @@ def make_subject(root, subject_id: str = "synthetic", *, n_frames: int = 240, si
         d.mkdir(parents=True, exist_ok=True)
     for k in range(n_frames):
         frame = tracker_frame_dict(codes, k, viewmats[k], K, height, width)
-        _atomic_save(ckpt / f"{k:05d}.frame", lambda p, fr=frame: torch.save(fr, p))
+        atomic_write_with(ckpt / f"{k:05d}.frame", lambda p, fr=frame: torch.save(fr, p))
 
     # the renderer needs only the topology and UVs, not the blendshapes
     light = HeadModel(head.v_template, head.faces, head.uvs, head.face_uvs, np.zeros((0, 3, 0)), np.zeros((0, 3, 0)),
@@ -985,7 +959,7 @@ def make_subject(root, subject_id: str = "synthetic", *, n_frames: int = 240, si
             bar.close()
     meta = {"subject_id": subject_id, "n_frames": n_frames, "height": height, "width": width, "seed": seed,
             "supersample": supersample, "model_dir": str(model_dir), "seconds": round(time.time() - t0, 2)}
-    _atomic_write_bytes(subj / "subject.json", json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(subj / "subject.json", json.dumps(meta, indent=2).encode())
     log.info("synthetic subject %s: %d frames %dx%d in %.1fs", subject_id, n_frames, height, width, time.time() - t0)
     return SubjectPaths(root, root / "tracker", subject_id, model_path, model_dir / "head_template.obj",
                         n_frames, height, width)
