@@ -1,7 +1,7 @@
 """Differentiable Gaussian rasterisation: ``rasterize_gaussians`` (SPEC §6), gsplat-compatible names.
 
 The work is done by two dispatcher ops, ``torch.ops.flashavatar.rasterize_fwd`` / ``rasterize_bwd`` (C++/CUDA in
-``csrc/rasterizer``); this module validates and reshapes inputs, attaches autograd and fake kernels with
+``csrc/rasterizer``, autograd kernel in C++); this module validates and reshapes inputs, attaches fake kernels with
 ``torch.library`` and keeps, per device, the capacity of the tile-intersection buffer.
 
 The CUDA path never synchronises with the host: the intersection buffer has a capacity chosen here from the
@@ -29,7 +29,7 @@ _FORCE_CAPACITY: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Dispatcher registrations (fake kernels + autograd), done once the extension has loaded.
+# Dispatcher registrations (fake kernels), done once the extension has loaded.
 
 def _fwd_fake(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height, sh_degree,
               near_plane, far_plane, eps2d, capacity):
@@ -52,40 +52,6 @@ def _bwd_fake(means, quats, scales, opacities, colors, *rest):
             torch.empty_like(colors))
 
 
-def _setup_context(ctx, inputs, output):
-    (means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height, sh_degree, near_plane,
-     far_plane, eps2d, _capacity) = inputs
-    (_render, alpha, _depth, radii, means2d, conics, colors_eval, depths, last_ids, transmittance, sorted_ids,
-     isect_ids, tile_ranges, offsets) = output
-    ctx.save_for_backward(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, alpha, radii, means2d,
-                          conics, colors_eval, depths, last_ids, transmittance, sorted_ids, isect_ids, tile_ranges,
-                          offsets)
-    ctx.params = (width, height, sh_degree, near_plane, far_plane, eps2d)
-    ctx.set_materialize_grads(False)  # unused outputs arrive as None: no zero-filled gradient images
-    # Only render, alpha and depth carry gradients; the rest is bookkeeping (means2d has no gradient).
-    ctx.mark_non_differentiable(means2d, conics, colors_eval, depths, transmittance)
-
-
-def _backward(ctx, g_render, g_alpha, g_depth, *unused):
-    (means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, alpha, radii, means2d, conics, colors_eval,
-     depths, last_ids, transmittance, sorted_ids, isect_ids, tile_ranges, offsets) = ctx.saved_tensors
-    width, height, sh_degree, near_plane, far_plane, eps2d = ctx.params
-    B, C, D = means.shape[0], viewmats.shape[1], colors.shape[3]
-    shape = (B, C, height, width)
-    g_render = means.new_zeros(shape + (D,)) if g_render is None else g_render.contiguous()
-    # None = that output was not used: the kernels read it as zero without a zero-filled tensor.
-    g_alpha = None if g_alpha is None else g_alpha.contiguous()
-    g_depth = None if g_depth is None else g_depth.contiguous()
-    d_means, d_quats, d_scales, d_opac, d_colors = torch.ops.flashavatar.rasterize_bwd.default(
-        means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height, sh_degree, near_plane,
-        far_plane, eps2d, alpha, radii, means2d, conics, colors_eval, depths, last_ids, transmittance, sorted_ids,
-        isect_ids, tile_ranges, offsets, g_render, g_alpha, g_depth)
-    d_bg = None
-    if backgrounds is not None and ctx.needs_input_grad[7]:
-        d_bg = (g_render * (1 - alpha)).sum(dim=(2, 3))  # render = ... + T_final * background
-    return (d_means, d_quats, d_scales, d_opac, d_colors, None, None, d_bg, None, None, None, None, None, None, None)
-
-
 _registered = False
 
 
@@ -95,7 +61,8 @@ def _register() -> None:
         return
     torch.library.register_fake("flashavatar::rasterize_fwd")(_fwd_fake)
     torch.library.register_fake("flashavatar::rasterize_bwd")(_bwd_fake)
-    torch.library.register_autograd("flashavatar::rasterize_fwd", _backward, setup_context=_setup_context)
+    # The autograd kernel is C++ (csrc/rasterizer/rasterize_autograd.cpp): the Python glue cost more host time
+    # per call than the GPU work at avatar sizes.
     _registered = True
 
 
@@ -113,6 +80,7 @@ class _Capacity:
         self.pinned: Tensor | None = None
         self.event: Any = None  # set while a read-back is pending
         self._event: Any = None
+        self.calls = 0
 
     def update(self) -> None:
         # Only read the need back once its copy has landed (event.query() does not block).
@@ -125,7 +93,10 @@ class _Capacity:
                 self.value = target
 
     def record(self, offsets: Tensor) -> None:
-        if offsets.numel() == 0:
+        # Read the need back on the first calls, then on every 8th (a copy + event record cost ~10 us of host
+        # time); a capacity outgrown in between still renders exactly, through the overflow fallback.
+        self.calls += 1
+        if offsets.numel() == 0 or (self.calls > 8 and self.calls % 8):
             return
         if self.pinned is None:
             self.pinned = torch.empty(1, dtype=torch.int32, pin_memory=True)
@@ -182,6 +153,115 @@ def _check_finite(named: dict[str, Tensor], quats: Tensor) -> None:
             raise ValueError(f"{_OP}: {name} (shape {_shape(t)}) contains NaN or inf")
     if not ok[-1]:
         raise ValueError(f"{_OP}: quats (shape {_shape(quats)}) contains a zero quaternion")
+
+
+def _validate(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height, sh_degree, near,
+              far) -> tuple[tuple, int, int, int]:
+    """Full argument check with messages that name the argument; returns (batch dims, N, C, D)."""
+    named = {n: _check_tensor(n, t) for n, t in (("means", means), ("quats", quats), ("scales", scales),
+                                                 ("opacities", opacities), ("colors", colors),
+                                                 ("viewmats", viewmats), ("Ks", Ks))}
+    if backgrounds is not None:
+        named["backgrounds"] = _check_tensor("backgrounds", backgrounds)
+    device = means.device
+    for n in ("quats", "scales", "opacities", "colors", "backgrounds"):
+        if n in named and named[n].dtype != means.dtype:
+            raise TypeError(f"{_OP}: {n} has dtype {named[n].dtype} (shape {_shape(named[n])}) but means has "
+                            f"{means.dtype}; Gaussian tensors must share one dtype")
+    for n, t in named.items():
+        if t.device != device:
+            raise ValueError(f"{_OP}: {n} is on {t.device} but means is on {device}; put all inputs on one device")
+    _ext.require(_OP, device)
+    width, height = int(width), int(height)
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{_OP}: width and height must be positive, got {width}x{height}")
+    if sh_degree is not None and not (0 <= int(sh_degree) <= 3):
+        raise ValueError(f"{_OP}: sh_degree must be None or in 0..3, got {sh_degree}")
+    if not (0 < near < far):
+        raise ValueError(f"{_OP}: need 0 < near < far, got near={near}, far={far}")
+
+    # Shapes: batch dims from means.
+    if means.dim() < 2 or means.shape[-1] != 3:
+        raise ValueError(f"{_OP}: means must have shape [..., N, 3], got {_shape(means)}")
+    batch, N = tuple(means.shape[:-2]), means.shape[-2]
+    expect = {"quats": batch + (N, 4), "scales": batch + (N, 3), "opacities": batch + (N,)}
+    for n, s in expect.items():
+        if tuple(named[n].shape) != s:
+            raise ValueError(f"{_OP}: {n} must have shape {list(s)} (means is {_shape(means)}), "
+                             f"got {_shape(named[n])}")
+    if sh_degree is None:
+        if colors.dim() != len(batch) + 2 or tuple(colors.shape[:-1]) != batch + (N,):
+            raise ValueError(f"{_OP}: colors must have shape {list(batch + (N,))} + [D] (plain colours), got "
+                             f"{_shape(colors)}; pass sh_degree for SH coefficients [..., N, K, 3]")
+    else:
+        nb = (int(sh_degree) + 1) ** 2
+        if colors.dim() != len(batch) + 3 or tuple(colors.shape[:-2]) != batch + (N,) or colors.shape[-2] < nb:
+            raise ValueError(f"{_OP}: with sh_degree={sh_degree} colors must have shape {list(batch + (N,))} + "
+                             f"[K >= {nb}, D], got {_shape(colors)}")
+    if colors.shape[-1] < 1:
+        raise ValueError(f"{_OP}: colors needs at least one channel, got {_shape(colors)}")
+    if viewmats.dim() != len(batch) + 3 or tuple(viewmats.shape[:-3]) != batch or viewmats.shape[-2:] != (4, 4):
+        raise ValueError(f"{_OP}: viewmats must have shape {list(batch)} + [C, 4, 4], got {_shape(viewmats)}")
+    C = viewmats.shape[-3]
+    if tuple(Ks.shape) != batch + (C, 3, 3):
+        raise ValueError(f"{_OP}: Ks must have shape {list(batch + (C, 3, 3))}, got {_shape(Ks)}")
+    D = colors.shape[-1]
+    if backgrounds is not None and tuple(backgrounds.shape) != batch + (C, D):
+        raise ValueError(f"{_OP}: backgrounds must have shape {list(batch + (C, D))}, got {_shape(backgrounds)}")
+
+    return batch, N, C, D
+
+
+def _fast_shapes(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height, sh_degree, near,
+                 far) -> tuple[tuple, int, int, int] | None:
+    """The common valid call, checked with few Python operations (host time matters at avatar sizes).
+
+    Returns (batch dims, N, C, D), or None when anything differs from the plain case (then ``_validate`` runs
+    and either accepts the call or raises with a message naming the argument). Accepts a subset of what
+    ``_validate`` accepts, never more.
+    """
+    try:
+        dt, dev = means.dtype, means.device
+        if not (means.is_floating_point() and viewmats.is_floating_point() and Ks.is_floating_point()
+                and quats.dtype is dt and scales.dtype is dt and opacities.dtype is dt and colors.dtype is dt
+                and quats.device == dev and scales.device == dev and opacities.device == dev
+                and colors.device == dev and viewmats.device == dev and Ks.device == dev
+                and type(width) is int and type(height) is int and width > 0 and height > 0
+                and 0 < near < far and _ext._C is not None):
+            return None
+        if backgrounds is not None and not (backgrounds.dtype is dt and backgrounds.device == dev):
+            return None
+        if dev.type == "cuda" and not _ext.cuda_compiled():
+            return None
+        ms = means.shape
+        if len(ms) < 2 or ms[-1] != 3:
+            return None
+        batch, N = ms[:-2], ms[-2]
+        bn = ms[:-1]
+        C = viewmats.shape[-3] if viewmats.dim() >= 3 else -1
+        D = colors.shape[-1]
+        lead = batch + (C,)
+        if sh_degree is None:
+            colors_ok = colors.shape == bn + (D,)
+        else:
+            colors_ok = (type(sh_degree) is int and 0 <= sh_degree <= 3 and colors.dim() == len(ms) + 1
+                         and colors.shape[:-2] == bn and colors.shape[-2] >= (sh_degree + 1) ** 2)
+        if (not colors_ok or quats.shape != bn + (4,) or scales.shape != ms or opacities.shape != bn
+                or D < 1 or C < 0 or viewmats.shape != lead + (4, 4) or Ks.shape != lead + (3, 3)
+                or (backgrounds is not None and backgrounds.shape != lead + (D,))):
+            return None
+        return tuple(batch), N, C, D
+    except (AttributeError, TypeError):
+        return None
+
+
+def _prep(t: Tensor, dtype: torch.dtype, shape: tuple) -> Tensor:
+    # Each step only when needed: this wrapper's host time matters for small scenes.
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if t.shape != shape:
+        t = t.reshape(shape)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def rasterize_gaussians(
@@ -241,81 +321,33 @@ def rasterize_gaussians(
     """
     near = near if near_plane is None else near_plane
     far = far if far_plane is None else far_plane
-    named = {n: _check_tensor(n, t) for n, t in (("means", means), ("quats", quats), ("scales", scales),
-                                                 ("opacities", opacities), ("colors", colors),
-                                                 ("viewmats", viewmats), ("Ks", Ks))}
-    if backgrounds is not None:
-        named["backgrounds"] = _check_tensor("backgrounds", backgrounds)
-    device = means.device
-    for n in ("quats", "scales", "opacities", "colors", "backgrounds"):
-        if n in named and named[n].dtype != means.dtype:
-            raise TypeError(f"{_OP}: {n} has dtype {named[n].dtype} (shape {_shape(named[n])}) but means has "
-                            f"{means.dtype}; Gaussian tensors must share one dtype")
-    for n, t in named.items():
-        if t.device != device:
-            raise ValueError(f"{_OP}: {n} is on {t.device} but means is on {device}; put all inputs on one device")
-    _ext.require(_OP, device)
+    shapes = _fast_shapes(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height,
+                          sh_degree, near, far)
+    if shapes is None:  # something is off: the full check names the argument and raises
+        shapes = _validate(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height,
+                           sh_degree, near, far)
+    batch, N, C, D = shapes
     width, height = int(width), int(height)
-    if width <= 0 or height <= 0:
-        raise ValueError(f"{_OP}: width and height must be positive, got {width}x{height}")
-    if sh_degree is not None and not (0 <= int(sh_degree) <= 3):
-        raise ValueError(f"{_OP}: sh_degree must be None or in 0..3, got {sh_degree}")
-    if not (0 < near < far):
-        raise ValueError(f"{_OP}: need 0 < near < far, got near={near}, far={far}")
-
-    # Shapes: batch dims from means.
-    if means.dim() < 2 or means.shape[-1] != 3:
-        raise ValueError(f"{_OP}: means must have shape [..., N, 3], got {_shape(means)}")
-    batch, N = tuple(means.shape[:-2]), means.shape[-2]
-    expect = {"quats": batch + (N, 4), "scales": batch + (N, 3), "opacities": batch + (N,)}
-    for n, s in expect.items():
-        if tuple(named[n].shape) != s:
-            raise ValueError(f"{_OP}: {n} must have shape {list(s)} (means is {_shape(means)}), "
-                             f"got {_shape(named[n])}")
-    if sh_degree is None:
-        if colors.dim() != len(batch) + 2 or tuple(colors.shape[:-1]) != batch + (N,):
-            raise ValueError(f"{_OP}: colors must have shape {list(batch + (N,))} + [D] (plain colours), got "
-                             f"{_shape(colors)}; pass sh_degree for SH coefficients [..., N, K, 3]")
-    else:
-        nb = (int(sh_degree) + 1) ** 2
-        if colors.dim() != len(batch) + 3 or tuple(colors.shape[:-2]) != batch + (N,) or colors.shape[-2] < nb:
-            raise ValueError(f"{_OP}: with sh_degree={sh_degree} colors must have shape {list(batch + (N,))} + "
-                             f"[K >= {nb}, D], got {_shape(colors)}")
-    if colors.shape[-1] < 1:
-        raise ValueError(f"{_OP}: colors needs at least one channel, got {_shape(colors)}")
-    if viewmats.dim() != len(batch) + 3 or tuple(viewmats.shape[:-3]) != batch or viewmats.shape[-2:] != (4, 4):
-        raise ValueError(f"{_OP}: viewmats must have shape {list(batch)} + [C, 4, 4], got {_shape(viewmats)}")
-    C = viewmats.shape[-3]
-    if tuple(Ks.shape) != batch + (C, 3, 3):
-        raise ValueError(f"{_OP}: Ks must have shape {list(batch + (C, 3, 3))}, got {_shape(Ks)}")
-    D = colors.shape[-1]
-    if backgrounds is not None and tuple(backgrounds.shape) != batch + (C, D):
-        raise ValueError(f"{_OP}: backgrounds must have shape {list(batch + (C, D))}, got {_shape(backgrounds)}")
-
+    device = means.device
     capturing = device.type == "cuda" and _capturing()
     if check_finite and not capturing:
+        named = {"means": means, "quats": quats, "scales": scales, "opacities": opacities, "colors": colors,
+                 "viewmats": viewmats, "Ks": Ks}
+        if backgrounds is not None:
+            named["backgrounds"] = backgrounds
         _check_finite(named, quats)
 
     # Compute dtype: float64 only for float64 on the CPU (gradcheck); float32 otherwise.
     dtype = torch.float64 if (device.type == "cpu" and means.dtype == torch.float64) else torch.float32
     B = math.prod(batch) if batch else 1
-
-    def prep(t: Tensor, shape: tuple) -> Tensor:
-        # Each step only when needed: this wrapper's host time matters for small scenes.
-        if t.dtype != dtype:
-            t = t.to(dtype)
-        if t.shape != shape:
-            t = t.reshape(shape)
-        return t if t.is_contiguous() else t.contiguous()
-
-    m = prep(means, (B, N, 3))
-    q = prep(quats, (B, N, 4))
-    s = prep(scales, (B, N, 3))
-    o = prep(opacities, (B, N))
-    col = prep(colors, (B, N, 1, D) if sh_degree is None else (B, N, colors.shape[-2], D))
-    vm = prep(viewmats, (B, C, 4, 4))
-    k = prep(Ks, (B, C, 3, 3))
-    bg = None if backgrounds is None else prep(backgrounds, (B, C, D))
+    m = _prep(means, dtype, (B, N, 3))
+    q = _prep(quats, dtype, (B, N, 4))
+    s = _prep(scales, dtype, (B, N, 3))
+    o = _prep(opacities, dtype, (B, N))
+    col = _prep(colors, dtype, (B, N, 1, D) if sh_degree is None else (B, N, colors.shape[-2], D))
+    vm = _prep(viewmats, dtype, (B, C, 4, 4))
+    k = _prep(Ks, dtype, (B, C, 3, 3))
+    bg = None if backgrounds is None else _prep(backgrounds, dtype, (B, C, D))
 
     cap_state = None
     capacity = 0
@@ -329,21 +361,17 @@ def rasterize_gaussians(
         capacity = cap_state.value if _FORCE_CAPACITY is None else int(_FORCE_CAPACITY)
 
     out = torch.ops.flashavatar.rasterize_fwd.default(m, q, s, o, col, vm, k, bg, width, height,
-                                              -1 if sh_degree is None else int(sh_degree), float(near), float(far),
-                                              float(eps2d), capacity)
+                                                      -1 if sh_degree is None else int(sh_degree), float(near),
+                                                      float(far), float(eps2d), capacity)
     render, alpha, depth, radii, means2d, conics, colors_eval, depths = out[:8]
     if cap_state is not None and not capturing:
         cap_state.record(out[13])
 
-    lead = batch + (C,)
-    meta = {
-        "depth": depth.reshape(lead + (height, width, 1)),
-        "radii": radii.reshape(lead + (N,)),
-        "means2d": means2d.reshape(lead + (N, 2)),
-        "conics": conics.reshape(lead + (N, 3)),
-        "depths": depths.reshape(lead + (N,)),
-        "colors": colors_eval.reshape(lead + (N, D)),
-        "width": width,
-        "height": height,
-    }
-    return render.reshape(lead + (height, width, D)), alpha.reshape(lead + (height, width, 1)), meta
+    if not batch:  # one Gaussian set without batch dims (the common call): drop the op's leading B = 1
+        render, alpha, depth, radii, means2d, conics, colors_eval, depths = (t[0] for t in out[:8])
+    elif len(batch) > 1:
+        render, alpha, depth, radii, means2d, conics, colors_eval, depths = (
+            t.reshape(batch + t.shape[1:]) for t in out[:8])
+    meta = {"depth": depth, "radii": radii, "means2d": means2d, "conics": conics, "depths": depths,
+            "colors": colors_eval, "width": width, "height": height}
+    return render, alpha, meta
