@@ -135,11 +135,57 @@ def kernel_breakdown(fn, rows=14) -> list[dict]:
     return out
 
 
+def host_profile(fn, rows=16, iters=20) -> list[dict]:
+    """Where the host time of one call goes: self CPU time per operator / CUDA runtime call (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:rows]:
+        out.append({"op": e.key[:80], "calls_per_iter": e.count / iters, "self_us_per_iter": e.self_cpu_time_total / iters})
+    return out
+
+
+def op_only_fn(args):
+    """The forward op on prepared [B, ...] tensors, no wrapper and no autograd: the C++ side's host time."""
+    import flashavatar.ops.rasterize as rast
+
+    m, q, s, o, c, vm, K = args
+    n, cams = m.shape[0], vm.shape[0]
+    cap = rast._capacity_state(m.device, cams, n, W, H).value
+    prepped = (m[None], q[None], s[None], o[None], c[None, :, None], vm[None], K[None])
+
+    def fn():
+        with torch.no_grad():
+            return torch.ops.flashavatar.rasterize_fwd.default(*prepped, None, W, H, -1, 0.01, 1e10, 0.3, cap)
+
+    return fn
+
+
+def bwd_variants(args, cot, reps) -> dict:
+    """Graph-replay fwd+bwd with each backward blend kernel (FLASHAVATAR_RAST_BWD), and their kernel times."""
+    out = {}
+    for variant in ("warp", "block"):
+        os.environ["FLASHAVATAR_RAST_BWD"] = variant
+        _, fwd_bwd, _ = ours_fns(args, cot)
+        out[variant] = {"fwd_bwd_graph_ms": time_cuda(graph_fn(fwd_bwd), reps=reps),
+                        "kernels": kernel_breakdown(fwd_bwd, rows=4)}
+    os.environ.pop("FLASHAVATAR_RAST_BWD", None)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--no-gsplat", action="store_true")
+    ap.add_argument("--sizes", default="15000,50000,200000", help="comma-separated Gaussian counts")
     opt = ap.parse_args()
     reps = 20 if opt.quick else 50
     dev_name = torch.cuda.get_device_name()
@@ -156,7 +202,7 @@ def main():
             print(f"gsplat unavailable: {type(exc).__name__}: {exc}", flush=True)
 
     rows = []
-    for n in (15_000, 50_000, 200_000):
+    for n in (int(x) for x in opt.sizes.split(",")):
         for n_cams in (1, 16):
             args = scene(n, n_cams)
             cot = torch.rand(n_cams, H, W, 3, device="cuda")
@@ -188,6 +234,13 @@ def main():
     breakdown = {"ours_15k_1cam_fwd_bwd": kernel_breakdown(fwd_bwd)}
     if have_gsplat:
         breakdown["gsplat_15k_1cam_fwd_bwd"] = kernel_breakdown(gsplat_fns(args, cot)[1])
+    host = {"op_only_fwd_us": host_time_us(op_only_fn(args), calls=50), "wrapper_fwd_us": host_time_us(fwd, calls=50),
+            "fwd_bwd_us": host_time_us(fwd_bwd, calls=50)}
+    host_tables = {"fwd": host_profile(fwd), "fwd_bwd": host_profile(fwd_bwd)}
+    variants = {}
+    for n in (15_000, 50_000):
+        a = scene(n, 1)
+        variants[f"{n // 1000}k"] = bwd_variants(a, torch.rand(1, H, W, 3, device="cuda"), reps)
 
     hdr = (f"{'N':>7} {'cams':>4} | {'ours fwd':>9} {'gsplat':>8} {'x':>5} | {'ours f+b':>9} {'gsplat':>8} {'x':>5} | "
            f"{'graph fwd':>9} {'graph f+b':>9} | {'PSNR dB':>7}")
@@ -208,9 +261,20 @@ def main():
         print(f"\nper-kernel, {name} (us per iteration):")
         for e in table:
             print(f"  {e['us_per_iter']:8.1f}  x{e['calls_per_iter']:<4g} {e['kernel']}")
+    print("\nhost us per call, 15k/1 cam: " + ", ".join(f"{k} {v:.0f}" for k, v in host.items()))
+    for name, table in host_tables.items():
+        print(f"host self-CPU, 15k/1 cam {name} (us per call, profiler on):")
+        for e in table:
+            print(f"  {e['self_us_per_iter']:8.1f}  x{e['calls_per_iter']:<4g} {e['op']}")
+    for n, v in variants.items():
+        print(f"backward blend variants, {n}/1 cam: " + "; ".join(
+            f"{name}: graph f+b {r['fwd_bwd_graph_ms']:.3f} ms, "
+            + ", ".join(f"{e['kernel'][:40]} {e['us_per_iter']:.1f}" for e in r["kernels"][:2])
+            for name, r in v.items()))
 
     result = {"device": dev_name, "torch": torch.__version__, "width": W, "height": H, "rows": rows,
-              "kernels": breakdown, "notes": "ours called with check_finite=False (no host sync); gsplat "
+              "kernels": breakdown, "host_us_15k_1cam": host, "host_profile_15k_1cam": host_tables,
+              "bwd_variants": variants, "notes": "ours called with check_finite=False (no host sync); gsplat "
               "rasterization(packed=True default, classic mode); fwd under no_grad; fwd+bwd = forward + "
               "torch.autograd.grad of the colour image w.r.t. means, quats, scales, opacities, colors"}
     out = opt.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

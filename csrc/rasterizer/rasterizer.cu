@@ -3,7 +3,7 @@
 //   project      one thread per (image, Gaussian): EWA projection, SH colour, opacity-aware pixel bounds,
 //                the number of 16x16 tiles touched, and a (image, depth) sort key
 //   depth sort   cub radix sort of those keys -> every image's Gaussians front to back (static size B*C*N)
-//   scan         tile counts in depth order -> inclusive offsets (static size)
+//   scan         tile counts in depth order (read through the sorted ids) -> inclusive offsets (static size)
 //   emit         each Gaussian writes (image*tiles + tile) keys, in depth order, into a buffer of fixed
 //                `capacity`; writes past it are dropped. The rest of the buffer is padded with a sentinel.
 //   tile sort    cub radix sort on the tile key only. It is stable, so entries of one tile stay in depth
@@ -26,9 +26,13 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string_view>
 #include <type_traits>
 
 #include <cub/cub.cuh>
+#include <thrust/iterator/counting_iterator.h>
+#include <thrust/iterator/transform_iterator.h>
 
 #include "common/checks.h"
 #include "rasterizer/raster_math.h"
@@ -134,27 +138,27 @@ __global__ void project_kernel(Params p, const float* __restrict__ means,  // [B
   }
 }
 
-// counts in depth order (slot s of the sorted list)
-__global__ void gather_counts_kernel(int64_t total, int N, const int32_t* __restrict__ sorted_ids,
-                                     const int32_t* __restrict__ tile_counts, int32_t* __restrict__ counts_sorted) {
-  const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (s >= total) return;
-  const int64_t img = s / N;
-  counts_sorted[s] = tile_counts[img * N + sorted_ids[s]];
-}
+// Tile count of the Gaussian in slot s of the depth-sorted list: read by the offsets scan through a transform
+// iterator (no gathered copy, one launch fewer).
+struct SortedTileCount {
+  const int32_t* sorted_ids;   // [B*C*N]
+  const int32_t* tile_counts;  // [B*C*N]
+  int N;
+  __host__ __device__ int32_t operator()(int64_t s) const { return tile_counts[(s / N) * N + sorted_ids[s]]; }
+};
 
 __global__ void emit_kernel(Params p, int64_t total, const int32_t* __restrict__ sorted_ids,
                             const int32_t* __restrict__ offsets,  // inclusive, depth order
-                            const int32_t* __restrict__ counts_sorted, const int4* __restrict__ tile_rect,
+                            const int32_t* __restrict__ tile_counts, const int4* __restrict__ tile_rect,
                             const float2* __restrict__ means2d, const float* __restrict__ conics,
                             const float* __restrict__ opac, uint32_t* __restrict__ keys,
                             int32_t* __restrict__ vals) {
   const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s >= total) return;
-  const int cnt = counts_sorted[s];
-  if (cnt == 0) return;
   const int img = int(s / p.N);
   const int64_t flat = int64_t(img) * p.N + sorted_ids[s];
+  const int cnt = tile_counts[flat];
+  if (cnt == 0) return;
   int pos = offsets[s] - cnt;
   if (pos >= p.capacity) return;  // overflow: this image is rendered by the fallback path
   const int4 r = tile_rect[flat];
@@ -172,9 +176,12 @@ __global__ void emit_kernel(Params p, int64_t total, const int32_t* __restrict__
     }
 }
 
+// Pads the unused tail of the key buffer with the sentinel and zero-fills the tile ranges (one launch for both).
 __global__ void pad_kernel(int capacity, const int32_t* __restrict__ offsets, int64_t total, uint32_t sentinel,
-                           uint32_t* __restrict__ keys, int32_t* __restrict__ vals) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+                           uint32_t* __restrict__ keys, int32_t* __restrict__ vals, int64_t n_ranges,
+                           int2* __restrict__ ranges) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n_ranges) ranges[i] = make_int2(0, 0);
   if (i >= capacity) return;
   const int used = total > 0 ? offsets[total - 1] : 0;
   if (i >= used) {
@@ -314,15 +321,20 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// Per-image geometry gradient row: mx, my, conic a, b, c, depth (+2 pad: one 32-byte sector per Gaussian).
+constexpr int kGeoStride = 8;
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
   return v;
 }
 
+// Previous backward blend (kept selectable with FLASHAVATAR_RAST_BWD=block for comparison): per-warp butterfly
+// sums of every value, then per-block sums in shared memory flushed with one global atomic per Gaussian.
 template <int MAXD>
 __global__ void __launch_bounds__(kBlock)
-    render_bwd_kernel(Params p, int ch_off, int nch, bool per_set_colors, const float2* __restrict__ means2d,
+    render_bwd_block_kernel(Params p, int ch_off, int nch, bool per_set_colors, const float2* __restrict__ means2d,
                       const float* __restrict__ conics, const float* __restrict__ opac,
                       const float* __restrict__ colors_eval, const float* __restrict__ depths,
                       const int32_t* __restrict__ radii, const int32_t* __restrict__ sorted_ids,
@@ -331,10 +343,8 @@ __global__ void __launch_bounds__(kBlock)
                       const float* __restrict__ trans_final, const int32_t* __restrict__ last_ids,
                       const float* __restrict__ g_render, const float* __restrict__ g_alpha,
                       const float* __restrict__ g_depth,
-                      float* __restrict__ v_means2d,  // [B*C*N, 2]
-                      float* __restrict__ v_conics,   // [B*C*N, 3]
+                      float* __restrict__ v_geo,      // [B*C*N, kGeoStride]: mx, my, conic a, b, c, depth
                       float* __restrict__ v_opac,     // [B, N]
-                      float* __restrict__ v_depths,   // [B*C*N]
                       float* __restrict__ v_colors) { // [B, N, D] (plain colours) or [B*C*N, D] (SH)
   __shared__ int s_id[kBlock];
   __shared__ float3 s_xyo[kBlock];
@@ -485,9 +495,8 @@ __global__ void __launch_bounds__(kBlock)
       const int flat = s_id[tid];
       const int64_t g = int64_t(b) * p.N + (flat - img_base);
       const float* sg = s_grad + tid * kGeo;
-      float* dst[kGeo] = {v_means2d + 2 * int64_t(flat), v_means2d + 2 * int64_t(flat) + 1,
-                          v_conics + 3 * int64_t(flat), v_conics + 3 * int64_t(flat) + 1,
-                          v_conics + 3 * int64_t(flat) + 2, v_opac + g, v_depths + flat};
+      float* row = v_geo + int64_t(flat) * kGeoStride;
+      float* dst[kGeo] = {row, row + 1, row + 2, row + 3, row + 4, v_opac + g, row + 5};
 #pragma unroll
       for (int k = 0; k < kGeo; ++k)
         if (sg[k] != 0.f) atomicAdd(dst[k], sg[k]);
@@ -501,11 +510,195 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// Reduce-scatter of NP values over the warp (NP a power of two): each step a lane sends the half of its values
+// its partner keeps and adds the half it keeps, so NP values cost NP - 1 + max(0, 5 - log2 NP) shuffles instead
+// of the 5 NP of one butterfly per value (the shuffles were the backward's main cost). At the end, for NP <= 32,
+// every lane holds the full sum of value (lane >> (5 - log2 NP)); for NP = 64, value 2 lane + r in v[r].
+template <int NP, int MASK>
+__device__ __forceinline__ void warp_reduce_scatter(float* v, int lane) {
+  if constexpr (MASK > 0) {
+    if constexpr (NP > 1) {
+      constexpr int H = NP / 2;
+      const bool upper = lane & MASK;
+#pragma unroll
+      for (int i = 0; i < H; ++i) {
+        const float send = upper ? v[i] : v[i + H];
+        const float keep = upper ? v[i + H] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, MASK);
+      }
+      warp_reduce_scatter<H, MASK / 2>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], MASK);
+      warp_reduce_scatter<1, MASK / 2>(v, lane);
+    }
+  }
+}
+
+constexpr int pow2_at_least(int n) {
+  int p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+// Backward blend, one 16x16 block per tile, walking each pixel's list back to front from its last contributor.
+// Per Gaussian the warp's per-pixel gradients (7 geometry values + the chunk's colours) are reduce-scattered
+// (above), then up to 7 + MAXD lanes issue one atomicAdd each, in one instruction.
+template <int MAXD>
+__global__ void __launch_bounds__(kBlock)
+    render_bwd_warp_kernel(Params p, int ch_off, int nch, bool per_set_colors, const float2* __restrict__ means2d,
+                           const float* __restrict__ conics, const float* __restrict__ opac,
+                           const float* __restrict__ colors_eval, const float* __restrict__ depths,
+                           const int32_t* __restrict__ radii, const int32_t* __restrict__ sorted_ids,
+                           const int32_t* __restrict__ isect, const int2* __restrict__ ranges,
+                           const int32_t* __restrict__ offsets, const float* __restrict__ bg,
+                           const float* __restrict__ trans_final, const int32_t* __restrict__ last_ids,
+                           const float* __restrict__ g_render, const float* __restrict__ g_alpha,
+                           const float* __restrict__ g_depth,
+                           float* __restrict__ v_geo,      // [B*C*N, kGeoStride]
+                           float* __restrict__ v_opac,     // [B, N]
+                           float* __restrict__ v_colors) { // [B, N, D] (plain colours) or [B*C*N, D] (SH)
+  constexpr int kNV = 7 + MAXD;  // mx, my, ca, cb, cc, z, opacity, colours
+  constexpr int kNP = pow2_at_least(kNV);
+  constexpr int kLog = kNP >= 32 ? 5 : (kNP == 16 ? 4 : (kNP == 8 ? 3 : 0));
+  static_assert(kNP == 8 || kNP == 16 || kNP == 32 || kNP == 64, "value count");
+  __shared__ int s_id[kBlock];
+  __shared__ float3 s_xyo[kBlock];
+  __shared__ float3 s_con[kBlock];
+  __shared__ float s_z[kBlock];
+  __shared__ float s_col[kBlock * MAXD];
+  __shared__ int s_max_last;
+  const int img = blockIdx.z;
+  const int tile = blockIdx.y * p.tiles_x + blockIdx.x;
+  const int tid = threadIdx.y * kTileSize + threadIdx.x;
+  const int lane = tid & 31;
+  const int px = blockIdx.x * kTileSize + threadIdx.x, py = blockIdx.y * kTileSize + threadIdx.y;
+  const bool inside = px < p.W && py < p.H;
+  const TileList l = tile_list(p, img, tile, offsets, ranges);
+  const int64_t pix = (int64_t(img) * p.H + py) * p.W + px;
+  const float fx = px + 0.5f, fy = py + 0.5f;
+  const int b = img / p.C;
+  const int64_t img_base = int64_t(img) * p.N;
+
+  const float t_final = inside ? trans_final[pix] : 1.f;
+  const int last = inside ? last_ids[pix] : 0;
+  float gC[MAXD], acc[MAXD];
+  const float* bgi = bg ? bg + int64_t(img) * p.D + ch_off : nullptr;
+#pragma unroll
+  for (int c = 0; c < MAXD; ++c) {
+    gC[c] = (inside && c < nch) ? g_render[pix * p.D + ch_off + c] : 0.f;
+    acc[c] = (bgi && c < nch) ? t_final * bgi[c] : 0.f;
+  }
+  const float gA = (inside && ch_off == 0 && g_alpha) ? g_alpha[pix] : 0.f;  // null: no gradient
+  const float gD = (inside && ch_off == 0 && g_depth) ? g_depth[pix] : 0.f;
+  float acc_z = 0.f, T = t_final;
+
+  if (tid == 0) s_max_last = 0;
+  __syncthreads();
+  atomicMax(&s_max_last, last);
+  __syncthreads();
+  const int end = s_max_last;
+  const int warp_last = __reduce_max_sync(0xffffffffu, last);  // entries past it touch no pixel of the warp
+  // Which reduced value this lane adds to global memory (NP <= 32: one lane per value).
+  const int my_value = kNP >= 32 ? lane * (kNP / 32) : lane >> (5 - kLog);
+  const bool adder = kNP >= 32 || (lane & ((1 << (5 - kLog)) - 1)) == 0;
+
+  for (int bend = end; bend > 0; bend -= kBlock) {
+    const int bstart = max(0, bend - kBlock);
+    __syncthreads();  // the previous batch is consumed
+    const int i = bstart + tid;
+    if (i < bend) {
+      float o;
+      const int flat = list_entry(p, l, img, i, sorted_ids, isect, radii, opac, o);
+      const float2 m = means2d[flat];
+      s_id[tid] = flat;
+      s_xyo[tid] = make_float3(m.x, m.y, o);
+      s_con[tid] = make_float3(conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]);
+      s_z[tid] = depths[flat];
+      const float* cp = colors_eval + int64_t(flat) * p.D + ch_off;
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < nch) s_col[tid * MAXD + c] = cp[c];
+    }
+    __syncthreads();
+    for (int j = min(bend, warp_last) - bstart - 1; j >= 0; --j) {  // uniform over the warp
+      const int idx = bstart + j;
+      const float3 xyo = s_xyo[j];
+      const float3 co = s_con[j];
+      const Sym2<float> conic{co.x, co.y, co.z};
+      const float dx = fx - xyo.x, dy = fy - xyo.y;
+      float vis = 0.f, a = 0.f;
+      bool valid = inside && idx < last;
+      if (valid) {
+        a = raster::gaussian_alpha(conic, xyo.z, dx, dy, vis);
+        valid = a >= raster::alpha_threshold<float>();
+      }
+      if (!__any_sync(0xffffffffu, valid)) continue;
+      float v[kNP];
+#pragma unroll
+      for (int k = 0; k < kNP; ++k) v[k] = 0.f;
+      if (valid) {
+        const float ra = 1.f / (1.f - a);  // one division, then products
+        const float ti = T * ra;           // transmittance in front of this Gaussian
+        const float w = a * ti;
+        const float z = s_z[j];
+        float ga = gA * t_final * ra + gD * (z * ti - acc_z * ra);
+#pragma unroll
+        for (int c = 0; c < MAXD; ++c)
+          if (c < nch) {
+            const float cv = s_col[j * MAXD + c];
+            ga += gC[c] * (cv * ti - acc[c] * ra);
+            v[7 + c] = gC[c] * w;
+            acc[c] += cv * w;
+          }
+        v[5] = gD * w;
+        acc_z += z * w;
+        T = ti;
+        Sym2<float> vcon;
+        raster::gaussian_alpha_vjp(conic, xyo.z, dx, dy, vis, ga, vcon, v[0], v[1], v[6]);
+        v[2] = vcon.a;
+        v[3] = vcon.b;
+        v[4] = vcon.c;
+      }
+      warp_reduce_scatter<kNP, 16>(v, lane);
+      if (adder) {
+        const int flat = s_id[j];
+        const int64_t g = int64_t(b) * p.N + (flat - img_base);
+#pragma unroll
+        for (int r = 0; r < (kNP >= 32 ? kNP / 32 : 1); ++r) {
+          const int k = my_value + r;
+          if (k >= kNV || v[r] == 0.f) continue;
+          float* dst;
+          if (k < 6)
+            dst = v_geo + int64_t(flat) * kGeoStride + k;
+          else if (k == 6)
+            dst = v_opac + g;
+          else if (k - 7 < nch)
+            dst = v_colors + (per_set_colors ? g : int64_t(flat)) * p.D + ch_off + (k - 7);
+          else
+            continue;
+          atomicAdd(dst, v[r]);
+        }
+      }
+    }
+  }
+}
+
+// Zero-fills two buffers in one launch (grid-stride).
+__global__ void zero2_kernel(float* __restrict__ a, int64_t na, float* __restrict__ b, int64_t nb) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < na + nb; i += stride) {
+    if (i < na)
+      a[i] = 0.f;
+    else
+      b[i - na] = 0.f;
+  }
+}
+
 __global__ void project_bwd_kernel(Params p, const float* __restrict__ means, const float* __restrict__ quats,
                                    const float* __restrict__ scales, const float* __restrict__ colors,
                                    const float* __restrict__ viewmats, const float* __restrict__ Ks,
-                                   const int32_t* __restrict__ radii, const float* __restrict__ v_means2d,
-                                   const float* __restrict__ v_conics, const float* __restrict__ v_depths,
+                                   const int32_t* __restrict__ radii,
+                                   const float* __restrict__ v_geo,  // [B*C*N, kGeoStride]
                                    const float* __restrict__ v_colors_eval,  // [B*C*N, D] (SH only)
                                    float* __restrict__ d_means, float* __restrict__ d_quats,
                                    float* __restrict__ d_scales, float* __restrict__ d_colors) {
@@ -526,10 +719,10 @@ __global__ void project_bwd_kernel(Params p, const float* __restrict__ means, co
     dm[1] += gdir.y;
     dm[2] += gdir.z;
   }
-  raster::project_gaussian_vjp(means + 3 * g, quats + 4 * g, scales + 3 * g, vm, k, p.eps2d, v_means2d[2 * idx],
-                               v_means2d[2 * idx + 1],
-                               Sym2<float>{v_conics[3 * idx], v_conics[3 * idx + 1], v_conics[3 * idx + 2]},
-                               v_depths[idx], dm, dq, ds);
+  const float4 v0 = *reinterpret_cast<const float4*>(v_geo + idx * kGeoStride);
+  const float2 v1 = *reinterpret_cast<const float2*>(v_geo + idx * kGeoStride + 4);
+  raster::project_gaussian_vjp(means + 3 * g, quats + 4 * g, scales + 3 * g, vm, k, p.eps2d, v0.x, v0.y,
+                               Sym2<float>{v0.z, v0.w, v1.x}, v1.y, dm, dq, ds);
   for (int i = 0; i < 3; ++i) atomicAdd(d_means + 3 * g + i, dm[i]);
   for (int i = 0; i < 4; ++i) atomicAdd(d_quats + 4 * g + i, dq[i]);
   for (int i = 0; i < 3; ++i) atomicAdd(d_scales + 3 * g + i, ds[i]);
@@ -618,26 +811,27 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
   at::Tensor trans = at::empty({B, C, H, W}, fopts);
   at::Tensor sorted_ids = at::empty({BCN}, iopts);
   at::Tensor isect_ids = at::empty({capacity}, iopts);
-  at::Tensor ranges = at::zeros({BC * tiles, 2}, iopts);
+  at::Tensor ranges = at::empty({BC * tiles, 2}, iopts);  // zero-filled by pad_kernel
   at::Tensor offsets = at::empty({BCN}, iopts);
 
   if (N > 0) {
     // Scratch in three allocations (host time matters at avatar sizes): int32 work arrays, the 64-bit depth
     // keys, and one cub temp buffer sized for the largest of its three calls.
-    //   tile_rect [BCN, 4] | tile_counts | depth_vals | counts_sorted [BCN] | keys | vals | keys_sorted [capacity]
-    at::Tensor iscratch = at::empty({7 * BCN + 3 * capacity}, iopts);
+    //   tile_rect [BCN, 4] | tile_counts | depth_vals [BCN] | keys | vals | keys_sorted [capacity]
+    int32_t* sorted_ptr = sorted_ids.data_ptr<int32_t>();
+    at::Tensor iscratch = at::empty({6 * BCN + 3 * capacity}, iopts);
     int32_t* ip = iscratch.data_ptr<int32_t>();
     int4* tile_rect = reinterpret_cast<int4*>(ip);  // offset 0: 16-byte aligned
     int32_t* tile_counts = ip + 4 * BCN;
     int32_t* depth_vals = ip + 5 * BCN;
-    int32_t* counts_sorted = ip + 6 * BCN;
-    uint32_t* keys = reinterpret_cast<uint32_t*>(ip + 7 * BCN);
-    int32_t* vals = ip + 7 * BCN + capacity;
-    uint32_t* keys_sorted = reinterpret_cast<uint32_t*>(ip + 7 * BCN + 2 * capacity);
+    uint32_t* keys = reinterpret_cast<uint32_t*>(ip + 6 * BCN);
+    int32_t* vals = ip + 6 * BCN + capacity;
+    uint32_t* keys_sorted = reinterpret_cast<uint32_t*>(ip + 6 * BCN + 2 * capacity);
+    const auto sorted_counts = thrust::make_transform_iterator(thrust::make_counting_iterator<int64_t>(0),
+                                                               SortedTileCount{sorted_ptr, tile_counts, int(N)});
     at::Tensor kscratch = at::empty({2 * BCN}, fopts.dtype(at::kLong));
     uint64_t* depth_keys = reinterpret_cast<uint64_t*>(kscratch.data_ptr<int64_t>());
     uint64_t* depth_keys_sorted = depth_keys + BCN;
-    int32_t* sorted_ptr = sorted_ids.data_ptr<int32_t>();
     int32_t* offsets_ptr = offsets.data_ptr<int32_t>();
     const uint32_t sentinel = uint32_t(BC * tiles);
     const int depth_end_bit = 32 + bits_for(uint64_t(BC - 1));
@@ -645,7 +839,7 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
     size_t bytes_depth = 0, bytes_scan = 0, bytes_tile = 0;
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes_depth, depth_keys, depth_keys_sorted, depth_vals,
                                                    sorted_ptr, int(BCN), 0, depth_end_bit, stream));
-    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, bytes_scan, counts_sorted, offsets_ptr, int(BCN), stream));
+    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, bytes_scan, sorted_counts, offsets_ptr, int(BCN), stream));
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes_tile, keys, keys_sorted, vals,
                                                    isect_ids.data_ptr<int32_t>(), int(capacity), 0, tile_end_bit,
                                                    stream));
@@ -662,17 +856,17 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), bytes_depth, depth_keys, depth_keys_sorted,
                                                    depth_vals, sorted_ptr, int(BCN), 0, depth_end_bit, stream));
     // 2. Tile counts in depth order -> inclusive offsets.
-    gather_counts_kernel<<<blocks_for(BCN), 256, 0, stream>>>(BCN, int(N), sorted_ptr, tile_counts, counts_sorted);
-    FA_CUDA_CHECK_LAUNCH();
-    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp.data_ptr(), bytes_scan, counts_sorted, offsets_ptr, int(BCN),
+    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp.data_ptr(), bytes_scan, sorted_counts, offsets_ptr, int(BCN),
                                                  stream));
     // 3. Emit tile keys (depth order) into the fixed-capacity buffer; pad the rest with the sentinel.
-    emit_kernel<<<blocks_for(BCN), 256, 0, stream>>>(p, BCN, sorted_ptr, offsets_ptr, counts_sorted, tile_rect,
+    emit_kernel<<<blocks_for(BCN), 256, 0, stream>>>(p, BCN, sorted_ptr, offsets_ptr, tile_counts, tile_rect,
                                                       reinterpret_cast<const float2*>(means2d.data_ptr<float>()),
                                                       conics.data_ptr<float>(), opacities.data_ptr<float>(), keys,
                                                       vals);
     FA_CUDA_CHECK_LAUNCH();
-    pad_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), offsets_ptr, BCN, sentinel, keys, vals);
+    pad_kernel<<<blocks_for(std::max<int64_t>(capacity, BC * tiles)), 256, 0, stream>>>(
+        int(capacity), offsets_ptr, BCN, sentinel, keys, vals, BC * tiles,
+        reinterpret_cast<int2*>(ranges.data_ptr<int32_t>()));
     FA_CUDA_CHECK_LAUNCH();
     // 4. Stable sort on the tile key only (depth order within a tile is kept).
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), bytes_tile, keys, keys_sorted, vals,
@@ -682,8 +876,9 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
                                                                   reinterpret_cast<int2*>(ranges.data_ptr<int32_t>()));
     FA_CUDA_CHECK_LAUNCH();
   } else {
-    // No Gaussians: keep every output defined (zero offsets mark no overflow).
+    // No Gaussians: keep every output defined (zero offsets mark no overflow; empty tile ranges).
     radii.zero_();
+    ranges.zero_();
   }
 
   const dim3 grid(p.tiles_x, p.tiles_y, unsigned(BC)), block(kTileSize, kTileSize);
@@ -735,37 +930,50 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
   };
   const at::Tensor ga = optional_grad(grad_alpha, "grad_alpha");
   const at::Tensor gd = optional_grad(grad_depth, "grad_depth");
-  at::Tensor d_means = at::zeros_like(means), d_quats = at::zeros_like(quats), d_scales = at::zeros_like(scales),
-             d_opac = at::zeros_like(opacities), d_colors = at::zeros_like(colors);
-  if (N == 0) return {d_means, d_quats, d_scales, d_opac, d_colors};
   const auto fopts = means.options();
   const bool sh = sh_degree >= 0;
-  // Per-image accumulators in one zero-filled buffer (one memset instead of four):
-  // v_means2d [BCN, 2], v_conics [BCN, 3], v_depths [BCN], and for SH v_colors [BCN, D].
-  at::Tensor scratch = at::zeros({BCN * (6 + (sh ? D : 0))}, fopts);
-  at::Tensor v_means2d = scratch.narrow(0, 0, 2 * BCN);
-  at::Tensor v_conics = scratch.narrow(0, 2 * BCN, 3 * BCN);
-  at::Tensor v_depths = scratch.narrow(0, 5 * BCN, BCN);
+  // The five gradients are views of one buffer, and the per-image accumulators share a second one; one kernel
+  // zero-fills both (host time: one launch instead of six memsets).
+  //   grads:   d_means [B,N,3] | d_quats [B,N,4] | d_scales [B,N,3] | d_opac [B,N] | d_colors [B,N,K,D]
+  //   scratch: v_geo [BCN, kGeoStride] | (SH only) v_colors [BCN, D]
+  const int64_t BN = B * N, n_col = colors.numel();
+  at::Tensor grads = at::empty({11 * BN + n_col}, fopts);
+  at::Tensor d_means = grads.narrow(0, 0, 3 * BN).view(means.sizes());
+  at::Tensor d_quats = grads.narrow(0, 3 * BN, 4 * BN).view(quats.sizes());
+  at::Tensor d_scales = grads.narrow(0, 7 * BN, 3 * BN).view(scales.sizes());
+  at::Tensor d_opac = grads.narrow(0, 10 * BN, BN).view(opacities.sizes());
+  at::Tensor d_colors = grads.narrow(0, 11 * BN, n_col).view(colors.sizes());
+  if (N == 0) return {d_means, d_quats, d_scales, d_opac, d_colors};
+  const int64_t n_scratch = BCN * (kGeoStride + (sh ? D : 0));
+  at::Tensor scratch = at::empty({n_scratch}, fopts);
+  zero2_kernel<<<std::min<int64_t>(blocks_for(grads.numel() + n_scratch), 1024), 256, 0, stream>>>(
+      grads.data_ptr<float>(), grads.numel(), scratch.data_ptr<float>(), n_scratch);
+  FA_CUDA_CHECK_LAUNCH();
+  float* v_geo = scratch.data_ptr<float>();
   // Plain colours: the blending kernel accumulates straight into d_colors [B, N, 1, D].
-  at::Tensor v_colors = sh ? scratch.narrow(0, 6 * BCN, D * BCN) : d_colors;
+  float* v_colors = sh ? v_geo + BCN * kGeoStride : d_colors.data_ptr<float>();
   const bool has_bg = backgrounds.has_value() && backgrounds->defined();
   const float* bg_ptr = has_bg ? backgrounds->data_ptr<float>() : nullptr;
   const dim3 grid(p.tiles_x, p.tiles_y, unsigned(B * C)), block(kTileSize, kTileSize);
+  // FLASHAVATAR_RAST_BWD=block selects the previous blend kernel (benchmark comparisons).
+  const char* variant = std::getenv("FLASHAVATAR_RAST_BWD");
+  const bool block_sums = variant != nullptr && std::string_view(variant) == "block";
   for_each_channel_chunk(int(D), [&](auto maxd, int off, int nch) {
-    render_bwd_kernel<decltype(maxd)::value><<<grid, block, 0, stream>>>(
+    constexpr int kMaxD = decltype(maxd)::value;
+    auto kernel = block_sums ? render_bwd_block_kernel<kMaxD> : render_bwd_warp_kernel<kMaxD>;
+    kernel<<<grid, block, 0, stream>>>(
         p, off, nch, !sh, reinterpret_cast<const float2*>(means2d.data_ptr<float>()), conics.data_ptr<float>(),
         opacities.data_ptr<float>(), colors_eval.data_ptr<float>(), depths.data_ptr<float>(),
         radii.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(), isect_ids.data_ptr<int32_t>(),
         reinterpret_cast<const int2*>(tile_ranges.data_ptr<int32_t>()), offsets.data_ptr<int32_t>(), bg_ptr,
         transmittance.data_ptr<float>(), last_ids.data_ptr<int32_t>(), gr.data_ptr<float>(),
-        ga.defined() ? ga.data_ptr<float>() : nullptr, gd.defined() ? gd.data_ptr<float>() : nullptr, v_means2d.data_ptr<float>(), v_conics.data_ptr<float>(), d_opac.data_ptr<float>(),
-        v_depths.data_ptr<float>(), v_colors.data_ptr<float>());
+        ga.defined() ? ga.data_ptr<float>() : nullptr, gd.defined() ? gd.data_ptr<float>() : nullptr, v_geo,
+        d_opac.data_ptr<float>(), v_colors);
     FA_CUDA_CHECK_LAUNCH();
   });
   project_bwd_kernel<<<blocks_for(BCN), 256, 0, stream>>>(
       p, means.data_ptr<float>(), quats.data_ptr<float>(), scales.data_ptr<float>(), colors.data_ptr<float>(),
-      viewmats.data_ptr<float>(), Ks.data_ptr<float>(), radii.data_ptr<int32_t>(), v_means2d.data_ptr<float>(),
-      v_conics.data_ptr<float>(), v_depths.data_ptr<float>(), sh ? v_colors.data_ptr<float>() : nullptr,
+      viewmats.data_ptr<float>(), Ks.data_ptr<float>(), radii.data_ptr<int32_t>(), v_geo, sh ? v_colors : nullptr,
       d_means.data_ptr<float>(), d_quats.data_ptr<float>(), d_scales.data_ptr<float>(), d_colors.data_ptr<float>());
   FA_CUDA_CHECK_LAUNCH();
   return {d_means, d_quats, d_scales, d_opac, d_colors};
