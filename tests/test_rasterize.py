@@ -129,7 +129,14 @@ def test_opcheck():
         args = (m[None], q[None], s[None], o[None], c[None, :, None], vm[None], K[None], bg[None], 16, 12, -1, 0.01,
                 1e10, 0.3, 0)
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i < 5 else a for i, a in enumerate(args))
-        torch.library.opcheck(torch.ops.flashavatar.rasterize_fwd.default, args)
+        # The raw forward kernel (no autograd), and the differentiable op on batched and unbatched inputs.
+        raw = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.flashavatar.rasterize_fwd.default, raw)
+        torch.library.opcheck(torch.ops.flashavatar.rasterize.default, args)
+        unbatched = (m, q, s, o, c, vm, K, bg, 16, 12, -1, 0.01, 1e10, 0.3, 0)
+        unbatched = tuple(a.detach().requires_grad_(i < 5 or i == 7) if isinstance(a, torch.Tensor) else a
+                          for i, a in enumerate(unbatched))
+        torch.library.opcheck(torch.ops.flashavatar.rasterize.default, unbatched)
 
 
 def test_batched_equals_separate_calls():

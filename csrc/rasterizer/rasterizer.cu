@@ -807,44 +807,67 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
   at::Tensor conics = at::empty({B, C, N, 3}, fopts);
   at::Tensor colors_eval = at::empty({B, C, N, D}, fopts);
   at::Tensor depths = at::empty({B, C, N}, fopts);
-  at::Tensor last_ids = at::empty({B, C, H, W}, iopts);
-  at::Tensor trans = at::empty({B, C, H, W}, fopts);
-  at::Tensor sorted_ids = at::empty({BCN}, iopts);
-  at::Tensor isect_ids = at::empty({capacity}, iopts);
-  at::Tensor ranges = at::empty({BC * tiles, 2}, iopts);  // zero-filled by pad_kernel
-  at::Tensor offsets = at::empty({BCN}, iopts);
+  // The backward's state and this call's scratch in one int32 allocation (host time matters at avatar sizes:
+  // nine allocations were one each), segments 256-byte aligned:
+  //   outputs: last_ids, trans [B*C*H*W] | sorted_ids, offsets [BCN] | isect_ids [capacity] | ranges [BC*tiles, 2]
+  //   scratch: tile_rect [BCN, 4] | tile_counts, depth_vals [BCN] | keys, vals, keys_sorted [capacity] |
+  //            depth keys in / out [BCN] uint64 | cub temp storage (the largest of its three calls)
+  const int64_t HW = H * W;
+  const uint32_t sentinel = uint32_t(BC * tiles);
+  const int depth_end_bit = 32 + bits_for(uint64_t(BC - 1));
+  const int tile_end_bit = bits_for(uint64_t(sentinel));
+  size_t bytes_depth = 0, bytes_scan = 0, bytes_tile = 0;
+  if (N > 0) {  // temp-storage sizes only (no pointer is read)
+    const auto counts_it = thrust::make_transform_iterator(thrust::make_counting_iterator<int64_t>(0),
+                                                           SortedTileCount{nullptr, nullptr, int(N)});
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes_depth, static_cast<uint64_t*>(nullptr),
+                                                   static_cast<uint64_t*>(nullptr), static_cast<int32_t*>(nullptr),
+                                                   static_cast<int32_t*>(nullptr), int(BCN), 0, depth_end_bit,
+                                                   stream));
+    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, bytes_scan, counts_it, static_cast<int32_t*>(nullptr),
+                                                 int(BCN), stream));
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes_tile, static_cast<uint32_t*>(nullptr),
+                                                   static_cast<uint32_t*>(nullptr), static_cast<int32_t*>(nullptr),
+                                                   static_cast<int32_t*>(nullptr), int(capacity), 0, tile_end_bit,
+                                                   stream));
+  }
+  const int64_t temp_ints = int64_t((std::max(bytes_depth, std::max(bytes_scan, bytes_tile)) + 3) / 4);
+  int64_t used = 0;
+  auto segment = [&](int64_t ints) {  // offset of the next segment, in int32 units
+    const int64_t at = used;
+    used += (ints + 63) / 64 * 64;
+    return at;
+  };
+  const int64_t o_last = segment(BC * HW), o_trans = segment(BC * HW), o_sorted = segment(BCN),
+                o_offsets = segment(BCN), o_isect = segment(capacity), o_ranges = segment(BC * tiles * 2);
+  const int64_t o_rect = segment(N > 0 ? 4 * BCN : 0), o_counts = segment(N > 0 ? BCN : 0),
+                o_dvals = segment(N > 0 ? BCN : 0), o_keys = segment(N > 0 ? capacity : 0),
+                o_vals = segment(N > 0 ? capacity : 0), o_keys_sorted = segment(N > 0 ? capacity : 0),
+                o_dkeys = segment(N > 0 ? 4 * BCN : 0), o_temp = segment(N > 0 ? temp_ints : 0);
+  at::Tensor state = at::empty({used}, iopts);
+  auto part = [&](int64_t off, int64_t n) { return state.narrow(0, off, n); };
+  at::Tensor last_ids = part(o_last, BC * HW).view({B, C, H, W});
+  at::Tensor trans = part(o_trans, BC * HW).view(at::kFloat).view({B, C, H, W});
+  at::Tensor sorted_ids = part(o_sorted, BCN);
+  at::Tensor offsets = part(o_offsets, BCN);
+  at::Tensor isect_ids = part(o_isect, capacity);
+  at::Tensor ranges = part(o_ranges, BC * tiles * 2).view({BC * tiles, 2});  // zero-filled by pad_kernel
 
   if (N > 0) {
-    // Scratch in three allocations (host time matters at avatar sizes): int32 work arrays, the 64-bit depth
-    // keys, and one cub temp buffer sized for the largest of its three calls.
-    //   tile_rect [BCN, 4] | tile_counts | depth_vals [BCN] | keys | vals | keys_sorted [capacity]
-    int32_t* sorted_ptr = sorted_ids.data_ptr<int32_t>();
-    at::Tensor iscratch = at::empty({6 * BCN + 3 * capacity}, iopts);
-    int32_t* ip = iscratch.data_ptr<int32_t>();
-    int4* tile_rect = reinterpret_cast<int4*>(ip);  // offset 0: 16-byte aligned
-    int32_t* tile_counts = ip + 4 * BCN;
-    int32_t* depth_vals = ip + 5 * BCN;
-    uint32_t* keys = reinterpret_cast<uint32_t*>(ip + 6 * BCN);
-    int32_t* vals = ip + 6 * BCN + capacity;
-    uint32_t* keys_sorted = reinterpret_cast<uint32_t*>(ip + 6 * BCN + 2 * capacity);
+    int32_t* ip = state.data_ptr<int32_t>();
+    int32_t* sorted_ptr = ip + o_sorted;
+    int32_t* offsets_ptr = ip + o_offsets;
+    int4* tile_rect = reinterpret_cast<int4*>(ip + o_rect);
+    int32_t* tile_counts = ip + o_counts;
+    int32_t* depth_vals = ip + o_dvals;
+    uint32_t* keys = reinterpret_cast<uint32_t*>(ip + o_keys);
+    int32_t* vals = ip + o_vals;
+    uint32_t* keys_sorted = reinterpret_cast<uint32_t*>(ip + o_keys_sorted);
+    uint64_t* depth_keys = reinterpret_cast<uint64_t*>(ip + o_dkeys);
+    uint64_t* depth_keys_sorted = depth_keys + BCN;
+    void* temp = ip + o_temp;
     const auto sorted_counts = thrust::make_transform_iterator(thrust::make_counting_iterator<int64_t>(0),
                                                                SortedTileCount{sorted_ptr, tile_counts, int(N)});
-    at::Tensor kscratch = at::empty({2 * BCN}, fopts.dtype(at::kLong));
-    uint64_t* depth_keys = reinterpret_cast<uint64_t*>(kscratch.data_ptr<int64_t>());
-    uint64_t* depth_keys_sorted = depth_keys + BCN;
-    int32_t* offsets_ptr = offsets.data_ptr<int32_t>();
-    const uint32_t sentinel = uint32_t(BC * tiles);
-    const int depth_end_bit = 32 + bits_for(uint64_t(BC - 1));
-    const int tile_end_bit = bits_for(uint64_t(sentinel));
-    size_t bytes_depth = 0, bytes_scan = 0, bytes_tile = 0;
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes_depth, depth_keys, depth_keys_sorted, depth_vals,
-                                                   sorted_ptr, int(BCN), 0, depth_end_bit, stream));
-    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, bytes_scan, sorted_counts, offsets_ptr, int(BCN), stream));
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes_tile, keys, keys_sorted, vals,
-                                                   isect_ids.data_ptr<int32_t>(), int(capacity), 0, tile_end_bit,
-                                                   stream));
-    size_t temp_bytes = std::max(bytes_depth, std::max(bytes_scan, bytes_tile));
-    at::Tensor temp = at::empty({int64_t(temp_bytes) + 1}, fopts.dtype(at::kByte));
 
     project_kernel<<<blocks_for(BCN), 256, 0, stream>>>(
         p, means.data_ptr<float>(), quats.data_ptr<float>(), scales.data_ptr<float>(), opacities.data_ptr<float>(),
@@ -853,10 +876,10 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
         colors_eval.data_ptr<float>(), depths.data_ptr<float>(), tile_rect, tile_counts, depth_keys, depth_vals);
     FA_CUDA_CHECK_LAUNCH();
     // 1. Depth sort per image: key = image << 32 | depth bits.
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), bytes_depth, depth_keys, depth_keys_sorted,
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, bytes_depth, depth_keys, depth_keys_sorted,
                                                    depth_vals, sorted_ptr, int(BCN), 0, depth_end_bit, stream));
     // 2. Tile counts in depth order -> inclusive offsets.
-    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp.data_ptr(), bytes_scan, sorted_counts, offsets_ptr, int(BCN),
+    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp, bytes_scan, sorted_counts, offsets_ptr, int(BCN),
                                                  stream));
     // 3. Emit tile keys (depth order) into the fixed-capacity buffer; pad the rest with the sentinel.
     emit_kernel<<<blocks_for(BCN), 256, 0, stream>>>(p, BCN, sorted_ptr, offsets_ptr, tile_counts, tile_rect,
@@ -869,7 +892,7 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
         reinterpret_cast<int2*>(ranges.data_ptr<int32_t>()));
     FA_CUDA_CHECK_LAUNCH();
     // 4. Stable sort on the tile key only (depth order within a tile is kept).
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), bytes_tile, keys, keys_sorted, vals,
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, bytes_tile, keys, keys_sorted, vals,
                                                    isect_ids.data_ptr<int32_t>(), int(capacity), 0, tile_end_bit,
                                                    stream));
     tile_ranges_kernel<<<blocks_for(capacity), 256, 0, stream>>>(int(capacity), sentinel, keys_sorted,

@@ -1,8 +1,9 @@
 """Differentiable Gaussian rasterisation: ``rasterize_gaussians`` (SPEC §6), gsplat-compatible names.
 
-The work is done by two dispatcher ops, ``torch.ops.flashavatar.rasterize_fwd`` / ``rasterize_bwd`` (C++/CUDA in
-``csrc/rasterizer``, autograd kernel in C++); this module validates and reshapes inputs, attaches fake kernels with
-``torch.library`` and keeps, per device, the capacity of the tile-intersection buffer.
+The work is done by the dispatcher op ``torch.ops.flashavatar.rasterize`` (differentiable, autograd kernel in C++)
+over the raw kernels ``rasterize_fwd`` / ``rasterize_bwd`` (C++/CUDA in ``csrc/rasterizer``); this module validates
+inputs, attaches fake kernels with ``torch.library`` and keeps, per device, the capacity of the tile-intersection
+buffer.
 
 The CUDA path never synchronises with the host: the intersection buffer has a capacity chosen here from the
 previous call's need (read back asynchronously through pinned memory once its event has completed), the
@@ -52,6 +53,19 @@ def _bwd_fake(means, quats, scales, opacities, colors, *rest):
             torch.empty_like(colors))
 
 
+def _rasterize_fake(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height, sh_degree,
+                    near_plane, far_plane, eps2d, capacity):
+    # flashavatar::rasterize: rasterize_fwd on the [B, ...] views, user-facing outputs in the caller's batch dims.
+    batch, N = tuple(means.shape[:-2]), means.shape[-2]
+    B = math.prod(batch)
+    C, D = viewmats.shape[-3], colors.shape[-1]
+    K = 1 if sh_degree < 0 else colors.shape[-2]
+    out = _fwd_fake(means.new_empty((B, N, 3)), None, None, None, colors.new_empty((B, N, K, D)),
+                    viewmats.new_empty((B, C, 4, 4)), None, None, width, height, sh_degree, near_plane, far_plane,
+                    eps2d, capacity)
+    return tuple(t.new_empty(batch + tuple(t.shape[1:])) for t in out[:8]) + out[8:]
+
+
 _registered = False
 
 
@@ -61,8 +75,10 @@ def _register() -> None:
         return
     torch.library.register_fake("flashavatar::rasterize_fwd")(_fwd_fake)
     torch.library.register_fake("flashavatar::rasterize_bwd")(_bwd_fake)
-    # The autograd kernel is C++ (csrc/rasterizer/rasterize_autograd.cpp): the Python glue cost more host time
-    # per call than the GPU work at avatar sizes.
+    torch.library.register_fake("flashavatar::rasterize")(_rasterize_fake)
+    # rasterize_fwd / rasterize_bwd are the raw kernels; flashavatar::rasterize is the differentiable op, its
+    # autograd kernel in C++ (csrc/rasterizer/rasterize_autograd.cpp): the Python glue cost more host time per call
+    # than the GPU work at avatar sizes.
     _registered = True
 
 
@@ -255,12 +271,10 @@ def _fast_shapes(means, quats, scales, opacities, colors, viewmats, Ks, backgrou
         return None
 
 
-def _prep(t: Tensor, dtype: torch.dtype, shape: tuple) -> Tensor:
+def _prep(t: Tensor, dtype: torch.dtype) -> Tensor:
     # Each step only when needed: this wrapper's host time matters for small scenes.
     if t.dtype != dtype:
         t = t.to(dtype)
-    if t.shape != shape:
-        t = t.reshape(shape)
     return t if t.is_contiguous() else t.contiguous()
 
 
@@ -337,21 +351,16 @@ def rasterize_gaussians(
             named["backgrounds"] = backgrounds
         _check_finite(named, quats)
 
-    # Compute dtype: float64 only for float64 on the CPU (gradcheck); float32 otherwise.
+    # Compute dtype: float64 only for float64 on the CPU (gradcheck); float32 otherwise. The op takes the
+    # caller's batch dims as they are (reshapes happen in C++).
     dtype = torch.float64 if (device.type == "cpu" and means.dtype == torch.float64) else torch.float32
-    B = math.prod(batch) if batch else 1
-    m = _prep(means, dtype, (B, N, 3))
-    q = _prep(quats, dtype, (B, N, 4))
-    s = _prep(scales, dtype, (B, N, 3))
-    o = _prep(opacities, dtype, (B, N))
-    col = _prep(colors, dtype, (B, N, 1, D) if sh_degree is None else (B, N, colors.shape[-2], D))
-    vm = _prep(viewmats, dtype, (B, C, 4, 4))
-    k = _prep(Ks, dtype, (B, C, 3, 3))
-    bg = None if backgrounds is None else _prep(backgrounds, dtype, (B, C, D))
+    m, q, s, o, col, vm, k = (_prep(t, dtype) for t in (means, quats, scales, opacities, colors, viewmats, Ks))
+    bg = None if backgrounds is None else _prep(backgrounds, dtype)
 
     cap_state = None
     capacity = 0
     if device.type == "cuda":
+        B = math.prod(batch) if batch else 1
         tiles = ((width + _TILE - 1) // _TILE) * ((height + _TILE - 1) // _TILE)
         if B * C * tiles >= 2**31 - 1 or B * C * N >= 2**31 - 1:
             raise ValueError(f"{_OP}: {B * C} images of {N} Gaussians exceed the 32-bit index range")
@@ -360,18 +369,12 @@ def rasterize_gaussians(
             cap_state.update()
         capacity = cap_state.value if _FORCE_CAPACITY is None else int(_FORCE_CAPACITY)
 
-    out = torch.ops.flashavatar.rasterize_fwd.default(m, q, s, o, col, vm, k, bg, width, height,
-                                                      -1 if sh_degree is None else int(sh_degree), float(near),
-                                                      float(far), float(eps2d), capacity)
+    out = torch.ops.flashavatar.rasterize.default(m, q, s, o, col, vm, k, bg, width, height,
+                                                  -1 if sh_degree is None else int(sh_degree), float(near),
+                                                  float(far), float(eps2d), capacity)
     render, alpha, depth, radii, means2d, conics, colors_eval, depths = out[:8]
     if cap_state is not None and not capturing:
         cap_state.record(out[13])
-
-    if not batch:  # one Gaussian set without batch dims (the common call): drop the op's leading B = 1
-        render, alpha, depth, radii, means2d, conics, colors_eval, depths = (t[0] for t in out[:8])
-    elif len(batch) > 1:
-        render, alpha, depth, radii, means2d, conics, colors_eval, depths = (
-            t.reshape(batch + t.shape[1:]) for t in out[:8])
     meta = {"depth": depth, "radii": radii, "means2d": means2d, "conics": conics, "depths": depths,
             "colors": colors_eval, "width": width, "height": height}
     return render, alpha, meta
