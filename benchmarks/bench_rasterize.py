@@ -169,10 +169,15 @@ def op_only_fn(args):
 
 
 def bwd_variants(args, cot, reps) -> dict:
-    """Graph-replay fwd+bwd with each backward blend kernel (FLASHAVATAR_RAST_BWD), and their kernel times."""
+    """Graph-replay fwd+bwd with each backward blend kernel (FLASHAVATAR_RAST_BWD), and their kernel times:
+    split (default: reduce-scatter, long tile lists split over blocks), warp (reduce-scatter, one block per tile),
+    block (the previous kernel: butterfly sums, per-block shared-memory sums)."""
     out = {}
-    for variant in ("warp", "block"):
-        os.environ["FLASHAVATAR_RAST_BWD"] = variant
+    for variant in ("split", "warp", "block"):  # split = the default
+        if variant == "split":
+            os.environ.pop("FLASHAVATAR_RAST_BWD", None)
+        else:
+            os.environ["FLASHAVATAR_RAST_BWD"] = variant
         _, fwd_bwd, _ = ours_fns(args, cot)
         out[variant] = {"fwd_bwd_graph_ms": time_cuda(graph_fn(fwd_bwd), reps=reps),
                         "kernels": kernel_breakdown(fwd_bwd, rows=4)}

@@ -18,14 +18,15 @@ TORCH_LIBRARY(flashavatar, m) {
       "rasterize_fwd(Tensor means, Tensor quats, Tensor scales, Tensor opacities, Tensor colors, "
       "Tensor viewmats, Tensor Ks, Tensor? backgrounds, int width, int height, int sh_degree, float near_plane, "
       "float far_plane, float eps2d, int capacity) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "rasterize_bwd(Tensor means, Tensor quats, Tensor scales, Tensor opacities, Tensor colors, "
       "Tensor viewmats, Tensor Ks, Tensor? backgrounds, int width, int height, int sh_degree, float near_plane, "
       "float far_plane, float eps2d, Tensor alpha, Tensor radii, Tensor means2d, Tensor conics, "
       "Tensor colors_eval, Tensor depths, Tensor last_ids, Tensor transmittance, Tensor sorted_ids, "
       "Tensor isect_ids, "
-      "Tensor tile_ranges, Tensor offsets, Tensor grad_render, Tensor? grad_alpha, Tensor? grad_depth) "
+      "Tensor tile_ranges, Tensor offsets, Tensor chunk_state, Tensor grad_render, Tensor? grad_alpha, "
+      "Tensor? grad_depth) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // ---- emd schemas ----
   m.def("gaussian_w2(Tensor mu0, Tensor cov0, Tensor mu1, Tensor cov1) -> Tensor");

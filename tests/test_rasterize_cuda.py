@@ -86,6 +86,33 @@ def test_cuda_large_scene_matches_cpu(n, width, height, cams):
     _assert_grads_close(g, ref_g, NAMES, tol=5e-3)
 
 
+@pytest.mark.parametrize("d,sh,bg", [(3, None, True), (3, 2, False), (40, None, True)])
+def test_cuda_long_tile_lists_split_backward(d, sh, bg, monkeypatch):
+    # Thousands of faint Gaussians per tile: pixels stay unsaturated through lists of thousands of entries, so
+    # the backward splits every list over several blocks (from the forward's chunk state). Against the float64
+    # CPU path, and against the unsplit kernel (FLASHAVATAR_RAST_BWD=warp) on the same inputs.
+    W, H = 64, 48
+    (m, q, s, o, c, vm, K), backgrounds = _scene(5000, d=d, sh=sh, seed=20 + d, cams=2, scale=0.02, bg=bg)
+    args = [m, q, s, 0.05 * o, c, vm, K]
+    lists = torch.ops.flashavatar.rasterize_fwd(*(t.to(DEV, torch.float32)[None] for t in args[:4]),
+                                                (c if sh is not None else c[:, None]).to(DEV, torch.float32)[None],
+                                                vm.to(DEV, torch.float32)[None], K.to(DEV, torch.float32)[None],
+                                                None, W, H, -1 if sh is None else sh, 0.01, 1e10, 0.3, 1 << 20)
+    longest = int((lists[12][:, 1] - lists[12][:, 0]).max())
+    assert lists[14].numel() > 0 and longest > 4 * 256, (lists[14].numel(), longest)
+    assert int(lists[8].max()) > 2 * 256  # pixels really walk past several chunk boundaries
+    shapes = [(2, H, W, d), (2, H, W, 1), (2, H, W, 1)]
+    cot = _cot(shapes, 5)
+    ref_out, ref_g, _ = _run(args, backgrounds, W, H, sh, "cpu", torch.float64, cot)
+    out, g, _ = _run(args, backgrounds, W, H, sh, DEV, torch.float32, cot)
+    for name, a, b in zip(("render", "alpha", "depth"), out, ref_out):
+        _assert_images_close(a, b, name)
+    _assert_grads_close(g, ref_g, NAMES, tol=5e-3)
+    monkeypatch.setenv("FLASHAVATAR_RAST_BWD", "warp")
+    _, g_unsplit, _ = _run(args, backgrounds, W, H, sh, DEV, torch.float32, cot)
+    _assert_grads_close(g, g_unsplit, NAMES, tol=1e-4)
+
+
 def test_forced_overflow_is_exact(monkeypatch):
     W, H = 64, 48
     args, bg = _scene(400, d=3, sh=2, seed=3, cams=3)

@@ -36,8 +36,8 @@ using BwdSig = RasterBwdOut(const at::Tensor&, const at::Tensor&, const at::Tens
                             int64_t, int64_t, int64_t, double, double, double, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                            const c10::optional<at::Tensor>&);
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&);
 
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
   static const auto op =
@@ -95,23 +95,23 @@ variable_list forward_batched(const Batched& in, int64_t width, int64_t height, 
   auto out = fwd_op().call(in.means, in.quats, in.scales, in.opacities, in.colors, in.viewmats, in.Ks,
                            in.backgrounds, width, height, sh_degree, near_plane, far_plane, eps2d, capacity);
   auto& [render, alpha, depth, radii, means2d, conics, colors_eval, depths, last_ids, trans, sorted_ids, isect_ids,
-         ranges, offsets] = out;
+         ranges, offsets, chunk_state] = out;
   return {in.unbatch(render), in.unbatch(alpha), in.unbatch(depth), in.unbatch(radii), in.unbatch(means2d),
           in.unbatch(conics), in.unbatch(colors_eval), in.unbatch(depths), last_ids, trans, sorted_ids,
-          isect_ids, ranges, offsets};
+          isect_ids, ranges, offsets, chunk_state};
 }
 
 using RasterOut = RasterFwdOut;
 
 RasterOut to_tuple(const variable_list& o) {
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11], o[12], o[13]};
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11], o[12], o[13], o[14]};
 }
 
 // Saved tensors, in this order ([B, ...] forms).
 enum Saved {
   kMeans, kQuats, kScales, kOpac, kColors, kViewmats, kKs, kBackgrounds,
   kAlpha, kRadii, kMeans2d, kConics, kColorsEval, kDepths, kLastIds, kTrans, kSortedIds, kIsectIds, kRanges,
-  kOffsets, kNumSaved
+  kOffsets, kChunkState, kNumSaved
 };
 
 class RasterizeFunction : public torch::autograd::Function<RasterizeFunction> {
@@ -136,7 +136,7 @@ class RasterizeFunction : public torch::autograd::Function<RasterizeFunction> {
     ctx->save_for_backward({in.means, in.quats, in.scales, in.opacities, in.colors, in.viewmats, in.Ks, bg,
                             batched(out[1], 4), batched(out[3], 2), batched(out[4], 3), batched(out[5], 3),
                             batched(out[6], 3), batched(out[7], 2), out[8], out[9], out[10], out[11], out[12],
-                            out[13]});
+                            out[13], out[14]});
     ctx->saved_data["width"] = width;
     ctx->saved_data["height"] = height;
     ctx->saved_data["sh_degree"] = sh_degree;
@@ -153,7 +153,7 @@ class RasterizeFunction : public torch::autograd::Function<RasterizeFunction> {
     // Unused outputs arrive as undefined gradients: no zero-filled gradient images.
     ctx->set_materialize_grads(false);
     // Only render, alpha and depth carry gradients (means2d has none; integer outputs are never differentiable).
-    ctx->mark_non_differentiable({out[4], out[5], out[6], out[7], out[9]});
+    ctx->mark_non_differentiable({out[4], out[5], out[6], out[7], out[9], out[14]});
     return out;
   }
 
@@ -180,7 +180,7 @@ class RasterizeFunction : public torch::autograd::Function<RasterizeFunction> {
         s[kMeans], s[kQuats], s[kScales], s[kOpac], s[kColors], s[kViewmats], s[kKs], bg, width, height, sh_degree,
         ctx->saved_data["near_plane"].toDouble(), ctx->saved_data["far_plane"].toDouble(),
         ctx->saved_data["eps2d"].toDouble(), alpha, s[kRadii], s[kMeans2d], s[kConics], s[kColorsEval], s[kDepths],
-        s[kLastIds], s[kTrans], s[kSortedIds], s[kIsectIds], s[kRanges], s[kOffsets], g_render,
+        s[kLastIds], s[kTrans], s[kSortedIds], s[kIsectIds], s[kRanges], s[kOffsets], s[kChunkState], g_render,
         optional_grad(grads[1]), optional_grad(grads[2]));
     at::Tensor d_bg;
     // render = ... + T_final * background: [B, C, H, W, D] * [B, C, H, W, 1] summed over pixels -> [B, C, D].
@@ -224,7 +224,7 @@ TORCH_LIBRARY_FRAGMENT(flashavatar, m) {
       "rasterize(Tensor means, Tensor quats, Tensor scales, Tensor opacities, Tensor colors, "
       "Tensor viewmats, Tensor Ks, Tensor? backgrounds, int width, int height, int sh_degree, float near_plane, "
       "float far_plane, float eps2d, int capacity) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(flashavatar, CPU, m) { m.impl("rasterize", TORCH_FN(rasterize_backend)); }

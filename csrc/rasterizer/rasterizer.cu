@@ -249,7 +249,8 @@ __global__ void __launch_bounds__(kBlock)
                       const int32_t* __restrict__ offsets, const float* __restrict__ bg,  // [B*C, D] or null
                       float* __restrict__ render,                                        // [B*C, H, W, D]
                       float* __restrict__ alpha_out, float* __restrict__ depth_out,     // [B*C, H, W]
-                      int32_t* __restrict__ last_ids, float* __restrict__ trans_out) {  // [B*C, H, W]
+                      int32_t* __restrict__ last_ids, float* __restrict__ trans_out,    // [B*C, H, W]
+                      float* __restrict__ chunk_state, int64_t n_slots) {               // null: not kept
   // The batch of Gaussians, staged in shared memory: geometry, depth and this chunk's colour channels.
   __shared__ float3 s_xyo[kBlock];
   __shared__ float3 s_con[kBlock];
@@ -271,6 +272,17 @@ __global__ void __launch_bounds__(kBlock)
   for (int base = 0; base < l.count; base += kBlock) {
     // Barrier before overwriting the batch, and early exit when every pixel of the tile is finished.
     if (__syncthreads_count(done) == kBlock) break;
+    if (base > 0 && chunk_state != nullptr && !l.overflow) {
+      // State at this 256-entry boundary, where a backward block starts (slot unique: see rasterizer.cu top).
+      float* st = chunk_state + int64_t((l.start + base) / kBlock) * (2 + p.D) * kBlock;
+      if (ch_off == 0) {
+        st[tid] = T;
+        st[kBlock + tid] = accz;
+      }
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < nch) st[(2 + ch_off + c) * kBlock + tid] = acc[c];
+    }
     const int i = base + tid;
     if (i < l.count) {
       float o;
@@ -318,6 +330,14 @@ __global__ void __launch_bounds__(kBlock)
     depth_out[pix] = accz;
     last_ids[pix] = last;
     trans_out[pix] = T;
+  }
+  if (chunk_state != nullptr && !l.overflow && l.count > kBlock) {  // final sums, for the chunks' "behind" sums
+    const int64_t npix = int64_t(p.B) * p.C * p.H * p.W;
+    float* fin = chunk_state + n_slots * (2 + p.D) * kBlock;
+    if (ch_off == 0) fin[npix + pix] = accz;
+#pragma unroll
+    for (int c = 0; c < MAXD; ++c)
+      if (c < nch) fin[(2 + ch_off + c) * npix + pix] = acc[c];
   }
 }
 
@@ -556,7 +576,8 @@ __global__ void __launch_bounds__(kBlock)
                            const float* __restrict__ g_depth,
                            float* __restrict__ v_geo,      // [B*C*N, kGeoStride]
                            float* __restrict__ v_opac,     // [B, N]
-                           float* __restrict__ v_colors) { // [B, N, D] (plain colours) or [B*C*N, D] (SH)
+                           float* __restrict__ v_colors,   // [B, N, D] (plain colours) or [B*C*N, D] (SH)
+                           const float* __restrict__ chunk_state, int64_t n_slots, int grid_chunks) {
   constexpr int kNV = 7 + MAXD;  // mx, my, ca, cb, cc, z, opacity, colours
   constexpr int kNP = pow2_at_least(kNV);
   constexpr int kLog = kNP >= 32 ? 5 : (kNP == 16 ? 4 : (kNP == 8 ? 3 : 0));
@@ -567,13 +588,19 @@ __global__ void __launch_bounds__(kBlock)
   __shared__ float s_z[kBlock];
   __shared__ float s_col[kBlock * MAXD];
   __shared__ int s_max_last;
-  const int img = blockIdx.z;
+  // Block = (tile, chunk): chunk k walks list entries [256 k, 256 (k + 1)) (the grid's last chunk: to the end),
+  // starting from the state the forward kept at the chunk's end boundary.
+  const int img = blockIdx.z / grid_chunks, chunk = blockIdx.z % grid_chunks;
   const int tile = blockIdx.y * p.tiles_x + blockIdx.x;
   const int tid = threadIdx.y * kTileSize + threadIdx.x;
   const int lane = tid & 31;
   const int px = blockIdx.x * kTileSize + threadIdx.x, py = blockIdx.y * kTileSize + threadIdx.y;
   const bool inside = px < p.W && py < p.H;
   const TileList l = tile_list(p, img, tile, offsets, ranges);
+  const int n_chunks = (l.overflow || chunk_state == nullptr) ? 1 : max(1, (l.count + kBlock - 1) / kBlock);
+  if (chunk >= n_chunks) return;  // uniform over the block
+  const int chunk_begin = chunk * kBlock;
+  const int chunk_end = (chunk == n_chunks - 1 || chunk == grid_chunks - 1) ? l.count : chunk_begin + kBlock;
   const int64_t pix = (int64_t(img) * p.H + py) * p.W + px;
   const float fx = px + 0.5f, fy = py + 0.5f;
   const int b = img / p.C;
@@ -591,10 +618,22 @@ __global__ void __launch_bounds__(kBlock)
   const float gA = (inside && ch_off == 0 && g_alpha) ? g_alpha[pix] : 0.f;  // null: no gradient
   const float gD = (inside && ch_off == 0 && g_depth) ? g_depth[pix] : 0.f;
   float acc_z = 0.f, T = t_final;
+  if (inside && last > chunk_end) {
+    // The pixel goes on past this chunk: T after the entries < chunk_end, and the sums behind it = final sums -
+    // prefix sums at the boundary (+ T_final * background, already in acc).
+    const float* st = chunk_state + int64_t((l.start + chunk_end) / kBlock) * (2 + p.D) * kBlock;
+    const int64_t npix = int64_t(p.B) * p.C * p.H * p.W;
+    const float* fin = chunk_state + n_slots * (2 + p.D) * kBlock;
+    T = st[tid];
+    acc_z = fin[npix + pix] - st[kBlock + tid];
+#pragma unroll
+    for (int c = 0; c < MAXD; ++c)
+      if (c < nch) acc[c] += fin[(2 + ch_off + c) * npix + pix] - st[(2 + ch_off + c) * kBlock + tid];
+  }
 
   if (tid == 0) s_max_last = 0;
   __syncthreads();
-  atomicMax(&s_max_last, last);
+  atomicMax(&s_max_last, min(last, chunk_end));
   __syncthreads();
   const int end = s_max_last;
   const int warp_last = __reduce_max_sync(0xffffffffu, last);  // entries past it touch no pixel of the warp
@@ -602,8 +641,8 @@ __global__ void __launch_bounds__(kBlock)
   const int my_value = kNP >= 32 ? lane * (kNP / 32) : lane >> (5 - kLog);
   const bool adder = kNP >= 32 || (lane & ((1 << (5 - kLog)) - 1)) == 0;
 
-  for (int bend = end; bend > 0; bend -= kBlock) {
-    const int bstart = max(0, bend - kBlock);
+  for (int bend = end; bend > chunk_begin; bend -= kBlock) {
+    const int bstart = max(chunk_begin, bend - kBlock);
     __syncthreads();  // the previous batch is consumed
     const int i = bstart + tid;
     if (i < bend) {
@@ -771,6 +810,19 @@ Params make_params(const at::Tensor& means, const at::Tensor& colors, const at::
   return p;
 }
 
+// Chunk state (see rasterizer.h): [slots][2 + D][256] boundary states, then [2 + D][B*C*H*W] final sums (field 0
+// unused there). Kept only where splitting helps (few images: too few busy tiles to fill the GPU) and it is small.
+// flashavatar/ops/rasterize.py (_chunk_state_numel) computes the same size for the fake kernel.
+int64_t chunk_slots(int64_t capacity) { return (capacity + kBlock - 1) / kBlock; }
+int64_t chunk_state_numel(int64_t images, int64_t tiles, int64_t H, int64_t W, int64_t D, int64_t capacity) {
+  const int64_t n = (chunk_slots(capacity) * kBlock + images * H * W) * (2 + D);
+  return images * tiles <= 4096 && n * 4 <= (int64_t(256) << 20) ? n : 0;
+}
+// Blocks per tile in the backward when the chunk state is kept (lists split in 256-entry chunks).
+int backward_chunks(int64_t images, int64_t tiles) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(16, 16384 / std::max<int64_t>(1, images * tiles))));
+}
+
 inline unsigned blocks_for(int64_t n, int threads = 256) { return unsigned((n + threads - 1) / threads); }
 
 }  // namespace
@@ -810,6 +862,7 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
   // The backward's state and this call's scratch in one int32 allocation (host time matters at avatar sizes:
   // nine allocations were one each), segments 256-byte aligned:
   //   outputs: last_ids, trans [B*C*H*W] | sorted_ids, offsets [BCN] | isect_ids [capacity] | ranges [BC*tiles, 2]
+  //            | chunk_state (float)
   //   scratch: tile_rect [BCN, 4] | tile_counts, depth_vals [BCN] | keys, vals, keys_sorted [capacity] |
   //            depth keys in / out [BCN] uint64 | cub temp storage (the largest of its three calls)
   const int64_t HW = H * W;
@@ -838,8 +891,10 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
     used += (ints + 63) / 64 * 64;
     return at;
   };
+  const int64_t n_chunk = chunk_state_numel(BC, tiles, H, W, D, capacity);
   const int64_t o_last = segment(BC * HW), o_trans = segment(BC * HW), o_sorted = segment(BCN),
-                o_offsets = segment(BCN), o_isect = segment(capacity), o_ranges = segment(BC * tiles * 2);
+                o_offsets = segment(BCN), o_isect = segment(capacity), o_ranges = segment(BC * tiles * 2),
+                o_chunk = segment(n_chunk);
   const int64_t o_rect = segment(N > 0 ? 4 * BCN : 0), o_counts = segment(N > 0 ? BCN : 0),
                 o_dvals = segment(N > 0 ? BCN : 0), o_keys = segment(N > 0 ? capacity : 0),
                 o_vals = segment(N > 0 ? capacity : 0), o_keys_sorted = segment(N > 0 ? capacity : 0),
@@ -852,6 +907,7 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
   at::Tensor offsets = part(o_offsets, BCN);
   at::Tensor isect_ids = part(o_isect, capacity);
   at::Tensor ranges = part(o_ranges, BC * tiles * 2).view({BC * tiles, 2});  // zero-filled by pad_kernel
+  at::Tensor chunk_state = part(o_chunk, n_chunk).view(at::kFloat);
 
   if (N > 0) {
     int32_t* ip = state.data_ptr<int32_t>();
@@ -913,11 +969,11 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
         radii.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(), isect_ids.data_ptr<int32_t>(),
         reinterpret_cast<const int2*>(ranges.data_ptr<int32_t>()), offsets.data_ptr<int32_t>(), bg_ptr,
         render.data_ptr<float>(), alpha.data_ptr<float>(), depth.data_ptr<float>(), last_ids.data_ptr<int32_t>(),
-        trans.data_ptr<float>());
+        trans.data_ptr<float>(), n_chunk > 0 ? chunk_state.data_ptr<float>() : nullptr, chunk_slots(capacity));
     FA_CUDA_CHECK_LAUNCH();
   });
   return {render, alpha, depth, radii, means2d, conics, colors_eval, depths, last_ids, trans,
-          sorted_ids, isect_ids, ranges, offsets};
+          sorted_ids, isect_ids, ranges, offsets, chunk_state};
 }
 
 RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
@@ -929,7 +985,8 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
                                 const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& transmittance,
                                 const at::Tensor& sorted_ids, const at::Tensor& isect_ids,
                                 const at::Tensor& tile_ranges, const at::Tensor& offsets,
-                                const at::Tensor& grad_render, const c10::optional<at::Tensor>& grad_alpha,
+                                const at::Tensor& chunk_state, const at::Tensor& grad_render,
+                                const c10::optional<at::Tensor>& grad_alpha,
                                 const c10::optional<at::Tensor>& grad_depth) {
   const char* op = "flashavatar::rasterize_bwd";
   const int64_t D = rasterize_check_inputs(op, means, quats, scales, opacities, colors, viewmats, Ks, backgrounds,
@@ -977,14 +1034,34 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
   float* v_colors = sh ? v_geo + BCN * kGeoStride : d_colors.data_ptr<float>();
   const bool has_bg = backgrounds.has_value() && backgrounds->defined();
   const float* bg_ptr = has_bg ? backgrounds->data_ptr<float>() : nullptr;
-  const dim3 grid(p.tiles_x, p.tiles_y, unsigned(B * C)), block(kTileSize, kTileSize);
-  // FLASHAVATAR_RAST_BWD=block selects the previous blend kernel (benchmark comparisons).
+  // FLASHAVATAR_RAST_BWD selects a previous blend kernel (benchmark comparisons): "block" (per-block sums),
+  // "warp" (reduce-scatter, one block per tile); default: reduce-scatter with long lists split over blocks.
   const char* variant = std::getenv("FLASHAVATAR_RAST_BWD");
   const bool block_sums = variant != nullptr && std::string_view(variant) == "block";
+  FA_CHECK(op, chunk_state.numel() == 0 ||
+                   chunk_state.numel() == chunk_state_numel(B * C, int64_t(p.tiles_x) * p.tiles_y, H, W, D,
+                                                            isect_ids.size(0)),
+           "chunk_state must be the forward's (", chunk_state.numel(), " elements)");
+  const bool split = chunk_state.numel() > 0 && !block_sums && !(variant && std::string_view(variant) == "warp");
+  const int64_t tiles = int64_t(p.tiles_x) * p.tiles_y;
+  const int grid_chunks = split ? backward_chunks(B * C, tiles) : 1;
+  const float* chunk_ptr = split ? chunk_state.data_ptr<float>() : nullptr;
+  const dim3 grid(p.tiles_x, p.tiles_y, unsigned(B * C * grid_chunks)), block(kTileSize, kTileSize);
   for_each_channel_chunk(int(D), [&](auto maxd, int off, int nch) {
     constexpr int kMaxD = decltype(maxd)::value;
-    auto kernel = block_sums ? render_bwd_block_kernel<kMaxD> : render_bwd_warp_kernel<kMaxD>;
-    kernel<<<grid, block, 0, stream>>>(
+    if (!block_sums) {
+      render_bwd_warp_kernel<kMaxD><<<grid, block, 0, stream>>>(
+          p, off, nch, !sh, reinterpret_cast<const float2*>(means2d.data_ptr<float>()), conics.data_ptr<float>(),
+          opacities.data_ptr<float>(), colors_eval.data_ptr<float>(), depths.data_ptr<float>(),
+          radii.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(), isect_ids.data_ptr<int32_t>(),
+          reinterpret_cast<const int2*>(tile_ranges.data_ptr<int32_t>()), offsets.data_ptr<int32_t>(), bg_ptr,
+          transmittance.data_ptr<float>(), last_ids.data_ptr<int32_t>(), gr.data_ptr<float>(),
+          ga.defined() ? ga.data_ptr<float>() : nullptr, gd.defined() ? gd.data_ptr<float>() : nullptr, v_geo,
+          d_opac.data_ptr<float>(), v_colors, chunk_ptr, chunk_slots(isect_ids.size(0)), grid_chunks);
+      FA_CUDA_CHECK_LAUNCH();
+      return;
+    }
+    render_bwd_block_kernel<kMaxD><<<grid, block, 0, stream>>>(
         p, off, nch, !sh, reinterpret_cast<const float2*>(means2d.data_ptr<float>()), conics.data_ptr<float>(),
         opacities.data_ptr<float>(), colors_eval.data_ptr<float>(), depths.data_ptr<float>(),
         radii.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(), isect_ids.data_ptr<int32_t>(),

@@ -23,8 +23,10 @@
 // radii [B,C,N] int32 (0 = culled), means2d [B,C,N,2], conics [B,C,N,3], colors_eval [B,C,N,D],
 // depths [B,C,N], and the state the backward pass reuses: last_ids [B,C,H,W] int32 (list position after the
 // pixel's last contributor), transmittance [B,C,H,W] (final T, kept exactly rather than as 1 - alpha), sorted_ids [B*C*N]
-// int32, isect_ids [capacity] int32, tile_ranges [B*C*tiles, 2] int32, offsets [B*C*N] int32). The CPU
-// path recomputes what it needs, so its tiling tensors are empty.
+// int32, isect_ids [capacity] int32, tile_ranges [B*C*tiles, 2] int32, offsets [B*C*N] int32, chunk_state float:
+// each pixel's T and colour/depth prefix sums at every 256-entry boundary of its tile's list, and its final sums,
+// so the backward can split long lists over several blocks; empty when not kept). The CPU path recomputes what it
+// needs, so its tiling tensors are empty.
 #pragma once
 #include <torch/types.h>
 
@@ -33,7 +35,8 @@
 namespace flashavatar {
 
 using RasterFwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+                                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor>;
 using RasterBwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Validates the inputs (shapes, dtypes, devices, contiguity) with messages naming the op and the argument.
@@ -58,9 +61,9 @@ RasterBwdOut rasterize_bwd_cpu(const at::Tensor& means, const at::Tensor& quats,
                                double eps2d, const at::Tensor& alpha, const at::Tensor& radii,
                                const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& colors_eval,
                                const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& transmittance,
-                               const at::Tensor& sorted_ids,
-                               const at::Tensor& isect_ids, const at::Tensor& tile_ranges, const at::Tensor& offsets,
-                               const at::Tensor& grad_render, const c10::optional<at::Tensor>& grad_alpha,
+                               const at::Tensor& sorted_ids, const at::Tensor& isect_ids,
+                               const at::Tensor& tile_ranges, const at::Tensor& offsets,
+                               const at::Tensor& chunk_state, const at::Tensor& grad_render, const c10::optional<at::Tensor>& grad_alpha,
                                const c10::optional<at::Tensor>& grad_depth);
 
 #ifdef WITH_CUDA
@@ -76,9 +79,9 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
                                 double eps2d, const at::Tensor& alpha, const at::Tensor& radii,
                                 const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& colors_eval,
                                 const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& transmittance,
-                               const at::Tensor& sorted_ids,
-                                const at::Tensor& isect_ids, const at::Tensor& tile_ranges,
-                                const at::Tensor& offsets, const at::Tensor& grad_render,
+                                const at::Tensor& sorted_ids, const at::Tensor& isect_ids,
+                                const at::Tensor& tile_ranges, const at::Tensor& offsets,
+                                const at::Tensor& chunk_state, const at::Tensor& grad_render,
                                 const c10::optional<at::Tensor>& grad_alpha, const c10::optional<at::Tensor>& grad_depth);
 #endif
 

@@ -362,7 +362,7 @@ RasterFwdOut rasterize_fwd_cpu(const at::Tensor& means, const at::Tensor& quats,
   });
   at::Tensor transmittance = (1 - alpha).reshape({B, C, H, W});
   return {render, alpha, depth, radii, means2d, conics, colors_eval, depths, last_ids, transmittance,
-          empty, empty.clone(), empty_ranges, empty.clone()};
+          empty, empty.clone(), empty_ranges, empty.clone(), at::empty({0}, opts)};
 }
 
 RasterBwdOut rasterize_bwd_cpu(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
@@ -372,9 +372,9 @@ RasterBwdOut rasterize_bwd_cpu(const at::Tensor& means, const at::Tensor& quats,
                                double eps2d, const at::Tensor& alpha, const at::Tensor& radii,
                                const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& colors_eval,
                                const at::Tensor& depths, const at::Tensor& last_ids, const at::Tensor& transmittance,
-                               const at::Tensor& sorted_ids,
-                               const at::Tensor& isect_ids, const at::Tensor& tile_ranges, const at::Tensor& offsets,
-                               const at::Tensor& grad_render, const c10::optional<at::Tensor>& grad_alpha,
+                               const at::Tensor& sorted_ids, const at::Tensor& isect_ids,
+                               const at::Tensor& tile_ranges, const at::Tensor& offsets,
+                               const at::Tensor& chunk_state, const at::Tensor& grad_render, const c10::optional<at::Tensor>& grad_alpha,
                                const c10::optional<at::Tensor>& grad_depth) {
   const char* op = "flashavatar::rasterize_bwd";
   const int64_t D = rasterize_check_inputs(op, means, quats, scales, opacities, colors, viewmats, Ks, backgrounds,
@@ -393,7 +393,7 @@ RasterBwdOut rasterize_bwd_cpu(const at::Tensor& means, const at::Tensor& quats,
   const at::Tensor grad_depth_t = grad_or_zeros(grad_depth, "grad_depth");
   // The CPU path recomputes projection and per-pixel lists; the saved forward state is not needed.
   (void)alpha, (void)radii, (void)means2d, (void)conics, (void)colors_eval, (void)depths, (void)last_ids, (void)transmittance;
-  (void)sorted_ids, (void)isect_ids, (void)tile_ranges, (void)offsets;
+  (void)sorted_ids, (void)isect_ids, (void)tile_ranges, (void)offsets, (void)chunk_state;
   const at::Tensor gr = grad_render.to(means.scalar_type()).contiguous();
   const at::Tensor ga = grad_alpha_t.to(means.scalar_type()).contiguous();
   const at::Tensor gd = grad_depth_t.to(means.scalar_type()).contiguous();

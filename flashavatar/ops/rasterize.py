@@ -32,6 +32,13 @@ _FORCE_CAPACITY: int | None = None
 # ---------------------------------------------------------------------------------------------------------
 # Dispatcher registrations (fake kernels), done once the extension has loaded.
 
+def _chunk_state_numel(images: int, tiles: int, height: int, width: int, channels: int, capacity: int) -> int:
+    """Size of the forward's chunk state (chunk_state_numel in csrc/rasterizer/rasterizer.cu: keep in step)."""
+    slots = (capacity + 255) // 256
+    n = (slots * 256 + images * height * width) * (2 + channels)
+    return n if images * tiles <= 4096 and n * 4 <= (256 << 20) else 0
+
+
 def _fwd_fake(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds, width, height, sh_degree,
               near_plane, far_plane, eps2d, capacity):
     B, N = means.shape[0], means.shape[1]
@@ -41,9 +48,10 @@ def _fwd_fake(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds
     i = lambda *s: means.new_empty(s, dtype=torch.int32)  # noqa: E731
     if means.device.type == "cuda":
         tiles = ((W + _TILE - 1) // _TILE) * ((H + _TILE - 1) // _TILE)
-        tiling = (i(B * C * N), i(capacity), i(B * C * tiles, 2), i(B * C * N))
+        tiling = (i(B * C * N), i(capacity), i(B * C * tiles, 2), i(B * C * N),
+                  f((_chunk_state_numel(B * C, tiles, H, W, D, capacity),)))
     else:
-        tiling = (i(0), i(0), i(0, 2), i(0))
+        tiling = (i(0), i(0), i(0, 2), i(0), f((0,)))
     return (f((B, C, H, W, D)), f((B, C, H, W, 1)), f((B, C, H, W, 1)), i(B, C, N), f((B, C, N, 2)),
             f((B, C, N, 3)), f((B, C, N, D)), f((B, C, N)), i(B, C, H, W), f((B, C, H, W))) + tiling
 
