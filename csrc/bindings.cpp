@@ -2,7 +2,9 @@
 // Schemas live in TORCH_LIBRARY; CPU kernels in TORCH_LIBRARY_IMPL(CPU); CUDA kernels in
 // TORCH_LIBRARY_IMPL(CUDA) when the extension was compiled with nvcc (WITH_CUDA). Autograd and fake
 // (meta) kernels are attached in Python (flashavatar/ops/*.py) with torch.library.register_autograd /
-// register_fake, so torch.compile and CUDA-graph capture see ordinary dispatcher ops.
+// register_fake, so torch.compile and CUDA-graph capture see ordinary dispatcher ops. Exception: the
+// differentiable rasteriser op (flashavatar::rasterize) is defined, with its C++ autograd kernel, in
+// csrc/rasterizer/rasterize_autograd.cpp (TORCH_LIBRARY_FRAGMENT): host time per call.
 #include <torch/extension.h>
 
 // ---- op headers ----
