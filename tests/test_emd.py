@@ -71,6 +71,22 @@ def test_assignment_matches_pot(kind, d, p):
         assert got == pytest.approx(direct.item(), rel=1e-12, abs=1e-15)
 
 
+@pytest.mark.parametrize("kind", ["random", "clustered", "duplicated", "scales"])
+@pytest.mark.parametrize("d,p", [(2, 2), (3, 2), (3, 1)])
+def test_float_prefilter_changes_nothing(kind, d, p):
+    # float32 inputs with d <= 3 scan through the float32 pre-filter; padding the points with zero coordinates
+    # (d = 4) gives the same float costs through the plain float64 scan. Same rounds, so bit-identical results.
+    gen = torch.Generator().manual_seed(hash((kind, d, p, "filter")) % 2**31)
+    x, y = point_sets(kind, 2, 150, 150, d, gen, dtype=torch.float32)
+    filtered = ops.emd(x, y, p=p, tol=1e-6, return_assignment=True)
+    pad = lambda t: torch.nn.functional.pad(t, (0, 4 - d))  # noqa: E731
+    plain = ops.emd(pad(x), pad(y), p=p, tol=1e-6, return_assignment=True)
+    assert filtered.converged.all()
+    assert torch.equal(filtered.assignment, plain.assignment)
+    assert torch.equal(filtered.iterations, plain.iterations)
+    assert torch.equal(filtered.cost, plain.cost) and torch.equal(filtered.gap, plain.gap)
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 200])
 def test_sizes_and_default_tolerance(n):
     gen = torch.Generator().manual_seed(n)

@@ -16,6 +16,7 @@
 // (cost - OPT) <= tol * cost. Costs are evaluated in the input precision and summed in double.
 #pragma once
 #include <cmath>
+#include <cstring>
 
 #include "common/host_device.h"
 
@@ -99,6 +100,60 @@ FA_HD double next_eps(double eps, double primal, double tol, int n) {
   const double scaled = eps / kEpsFactor;
   if (target < eps && scaled < target) return target;
   return scaled;
+}
+
+// ---- float32 pre-filter of the scans (float inputs, d <= 3) ----
+// The scans compare c_ij + p_j in float64 (eps reaches ~1e-5 of the mean cost, below float32 resolution of the
+// prices), but almost every object loses by a wide margin. Each object keeps a record {y_j, p_j rounded to
+// float}; the scan first forms vf = fl32(c_ij + fl32(p_j)) and only takes the exact float64 path
+// (double(c_ij) + p_j, the same value the unfiltered scan uses) when vf cannot prove the object irrelevant.
+// The filter never changes a result: rounds, prices and certificates are those of the exact scan.
+struct alignas(16) ObjectRecord {  // 16 bytes: one vector load on the GPU
+  float y[3];                      // y_j (unused trailing coordinates are 0)
+  float price;                     // float(p_j)
+};
+
+// The float threshold that proves "c + p >= w" from vf: with c, p >= 0 (prices only rise from 0) and
+// u = 2^-24, |vf - (c + p)| <= (2u + u^2)(c + p); vf >= w (1 + 8u) + 1e-37 therefore implies c + p >= w (the
+// absolute term covers subnormal rounding; 8u leaves room for rounding the threshold itself). NaN (compares
+// false: always take the exact path) when w is infinite or near the float range.
+FA_HD float filter_threshold(double w) {
+  if (w < 1e37) return static_cast<float>(w * (1.0 + 8.0 * 0x1p-24) + 1e-37);
+  const unsigned int nan_bits = 0x7fc00000u;
+  float nan;
+  memcpy(&nan, &nan_bits, sizeof(nan));
+  return nan;
+}
+
+// Object j (record r, exact prices `price`) into the running best two of person xi. thr: the filter threshold
+// of bt.w2, updated when bt changes. Ties behave as in best_two_push: a value >= w2 never changes bt.
+template <int DIM>
+FA_HD void filtered_push(BestTwo& bt, float& thr, const float* xi, const ObjectRecord& r, const double* price,
+                         int j, int p) {
+  const float c = ground_cost<DIM, float>(xi, r.y, DIM, p);
+  if (!(c + r.price >= thr)) {
+    best_two_push(bt, static_cast<double>(c) + price[j], j);
+    thr = filter_threshold(bt.w2);
+  }
+}
+
+// The same for the certificate's row minimum m (thr: the threshold of m).
+template <int DIM>
+FA_HD void filtered_min(double& m, float& thr, const float* xi, const ObjectRecord& r, const double* price, int j,
+                        int p) {
+  const float c = ground_cost<DIM, float>(xi, r.y, DIM, p);
+  if (!(c + r.price >= thr)) {
+    m = fmin(m, static_cast<double>(c) + price[j]);
+    thr = filter_threshold(m);
+  }
+}
+
+// Record of object j from its coordinates (d <= 3) and price.
+template <int DIM, typename scalar_t>
+FA_HD ObjectRecord make_record(const scalar_t* yj, double price_j) {
+  ObjectRecord r{{0.f, 0.f, 0.f}, static_cast<float>(price_j)};
+  for (int k = 0; k < DIM; ++k) r.y[k] = static_cast<float>(yj[k]);
+  return r;
 }
 
 // Status codes written per batch item.
