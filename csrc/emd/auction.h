@@ -113,27 +113,41 @@ struct alignas(16) ObjectRecord {  // 16 bytes: one vector load on the GPU
   float price;                     // float(p_j)
 };
 
-// The float threshold that proves "c + p >= w" from vf: with c, p >= 0 (prices only rise from 0) and
-// u = 2^-24, |vf - (c + p)| <= (2u + u^2)(c + p); vf >= w (1 + 8u) + 1e-37 therefore implies c + p >= w (the
-// absolute term covers subnormal rounding; 8u leaves room for rounding the threshold itself). NaN (compares
-// false: always take the exact path) when w is infinite or near the float range.
-FA_HD float filter_threshold(double w) {
-  if (w < 1e37) return static_cast<float>(w * (1.0 + 8.0 * 0x1p-24) + 1e-37);
-  const unsigned int nan_bits = 0x7fc00000u;
-  float nan;
-  memcpy(&nan, &nan_bits, sizeof(nan));
-  return nan;
+// The smallest float >= w (w >= 0; +inf above the float range): float keys that bound float64 values from above.
+FA_HD float float_up(double w) {
+  float f = static_cast<float>(w);
+  if (static_cast<double>(f) < w) f = nextafterf(f, HUGE_VALF);
+  return f;
 }
 
-// Object j (record r, exact prices `price`) into the running best two of person xi. thr: the filter threshold
-// of bt.w2, updated when bt changes. Ties behave as in best_two_push: a value >= w2 never changes bt.
+// The float threshold t that proves "c + p > w" from vf >= t, for any w <= w_up (w_up = float_up(w), or a
+// larger key). With c, p >= 0 (prices only rise from 0) and u = 2^-24, |vf - (c + p)| <= (2u + u^2)(c + p), so
+// vf >= w_up (1 + 32u) (1 - u) + 1e-37 implies c + p > w_up (the absolute term covers subnormal rounding, the
+// margin the roundings of t and of the float64 sum). NaN (compares false: always take the exact path) when
+// w_up is above 1e37, infinite or NaN. The proof is strict, so skipping never changes a tie-break.
+FA_HD float filter_threshold(float w_up) {
+  if (!(w_up <= 1e37f)) {
+    const unsigned int nan_bits = 0x7fc00000u;
+    float nan;
+    memcpy(&nan, &nan_bits, sizeof(nan));
+    return nan;
+  }
+  return (w_up + w_up * 0x1p-19f) + 1e-37f;
+}
+
+// The float value the filter compares: fl32(c + float(p)).
+FA_HD float filter_value(float c, const ObjectRecord& r) { return c + r.price; }
+
+// Object j (record r, exact prices `price`) into the running best two of person xi, serially (the CPU twin;
+// the CUDA kernel shares the threshold across a warp). thr: the filter threshold of bt.w2, updated when bt
+// changes. An object with c + p > w2 never changes bt.
 template <int DIM>
 FA_HD void filtered_push(BestTwo& bt, float& thr, const float* xi, const ObjectRecord& r, const double* price,
                          int j, int p) {
   const float c = ground_cost<DIM, float>(xi, r.y, DIM, p);
-  if (!(c + r.price >= thr)) {
+  if (!(filter_value(c, r) >= thr)) {
     best_two_push(bt, static_cast<double>(c) + price[j], j);
-    thr = filter_threshold(bt.w2);
+    thr = filter_threshold(float_up(bt.w2));
   }
 }
 
@@ -142,9 +156,9 @@ template <int DIM>
 FA_HD void filtered_min(double& m, float& thr, const float* xi, const ObjectRecord& r, const double* price, int j,
                         int p) {
   const float c = ground_cost<DIM, float>(xi, r.y, DIM, p);
-  if (!(c + r.price >= thr)) {
+  if (!(filter_value(c, r) >= thr)) {
     m = fmin(m, static_cast<double>(c) + price[j]);
-    thr = filter_threshold(m);
+    thr = filter_threshold(float_up(m));
   }
 }
 

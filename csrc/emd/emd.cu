@@ -112,6 +112,61 @@ struct Person {
   }
 };
 
+// Warp-cooperative filtered scan (float inputs, d <= 3) for NP persons at once (one record load serves all).
+// Lane l takes objects first + l + k * step (first warp-uniform). Each person's filter threshold is shared by
+// the warp: it proves that an object loses to the warp's running second best (bid scans) or minimum
+// (kMinOnly: certificates), values the warp has already seen. A lane-local threshold (the CPU twin's) is far
+// looser early on and sent some lane of the warp down the float64 path in most iterations. Skipped objects
+// are strictly worse than the warp's final second best, so the merged result is that of the plain scan.
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ unsigned key_up(double w) { return __float_as_uint(float_up(w)); }
+
+// A float key >= the second smallest value held by the lanes (w1 and w2 of each): non-negative floats order
+// like their bit patterns.
+__device__ __forceinline__ unsigned warp_second_key(const BestTwo& bt) {
+  const unsigned k1 = key_up(bt.w1), m1 = __reduce_min_sync(kFullMask, k1);
+  const unsigned m2 = __popc(__ballot_sync(kFullMask, k1 == m1)) > 1
+                          ? m1
+                          : __reduce_min_sync(kFullMask, k1 == m1 ? 0xffffffffu : k1);
+  return min(m2, __reduce_min_sync(kFullMask, key_up(bt.w2)));
+}
+
+template <int DIM, int NP, bool kMinOnly>
+__device__ __forceinline__ void warp_filtered_scan(const float (&xs)[NP][3], const ObjectRecord* rec,
+                                                   const double* price, int first, int step, int n, int p,
+                                                   int lane, BestTwo (&bt)[NP]) {
+  constexpr int kChunk = 4;  // objects per lane between threshold updates
+  float thr[NP];
+#pragma unroll
+  for (int q = 0; q < NP; ++q) bt[q] = best_two_init(), thr[q] = filter_threshold(HUGE_VALF);
+  for (int base = first; base < n; base += kChunk * step) {
+    bool pushed[NP];
+#pragma unroll
+    for (int q = 0; q < NP; ++q) pushed[q] = false;
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      const int j = base + k * step + lane;
+      if (j < n) {
+        const ObjectRecord r = rec[j];
+#pragma unroll
+        for (int q = 0; q < NP; ++q) {
+          const float c = ground_cost<DIM, float>(xs[q], r.y, DIM, p);
+          if (!(filter_value(c, r) >= thr[q])) {
+            best_two_push(bt[q], static_cast<double>(c) + price[j], j);
+            pushed[q] = true;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < NP; ++q)
+      if (__any_sync(kFullMask, pushed[q]))
+        thr[q] = filter_threshold(
+            __uint_as_float(kMinOnly ? __reduce_min_sync(kFullMask, key_up(bt[q].w1)) : warp_second_key(bt[q])));
+  }
+}
+
 // Greedy carving of the dynamic shared memory: arrays are taken in order of how often a round touches them and
 // fall back to their global-memory copy when the rest no longer fits.
 struct SmemCarver {
@@ -161,43 +216,43 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
   ObjectRecord* rec = kFiltered ? carve.take(n, w.rec + off) : nullptr;  // [n]
   double* price = carve.take(n, w.price + off);                             // [n]
   int* owner = carve.take(n, w.owner + off);                                // [n] object -> person (-1 free)
+  int* cur = carve.take(n, w.list0 + off);  // [n] unassigned persons (double-buffered with nxt): every round
+  int* nxt = carve.take(n, w.list1 + off);  // [n]
   // [n] highest bid of the round per object (bits of a positive double), smallest person among those bids
   unsigned long long* best_bits = carve.take(n, w.best_bits + off);
   int* winner = carve.take(n, w.winner + off);
-  double* bid_val = carve.take(n, w.bid_val + off);  // [n] per bidder slot
-  int* bid_obj = carve.take(n, w.bid_obj + off);     // [n]
-  int* cur = carve.take(n, w.list0 + off);           // [n] unassigned persons (double-buffered with nxt)
-  int* nxt = carve.take(n, w.list1 + off);           // [n]
+  int* bid_obj = carve.take(n, w.bid_obj + off);     // [n] per bidder slot (rounds with several bidders)
+  double* bid_val = carve.take(n, w.bid_val + off);  // [n]
   auto set_price = [&](int j, double v) {
     price[j] = v;
     if constexpr (kFiltered) rec[j].price = static_cast<float>(v);
   };
-  // Best two of c_ij + p_j over j = first, first + step, ... for person `me`.
+  // Best two of c_ij + p_j over j = first + lane, first + lane + step, ... for person `me` (first warp-uniform).
   auto scan_best_two = [&](const Person<DIM, scalar_t>& me, int first, int step) {
-    BestTwo bt = best_two_init();
     if constexpr (kFiltered) {
-      float thr = filter_threshold(bt.w2);
-#pragma unroll 4
-      for (int j = first; j < n; j += step) filtered_push<DIM>(bt, thr, me.c, rec[j], price, j, p);
+      const float xs[1][3] = {{me.c[0], me.c[1], DIM > 2 ? me.c[DIM - 1] : 0.f}};
+      BestTwo bt[1];
+      warp_filtered_scan<DIM, 1, false>(xs, rec, price, first, step, n, p, lane, bt);
+      return bt[0];
     } else {
-      for (int j = first; j < n; j += step) best_two_push(bt, me.cost_to(y, j, d, p) + price[j], j);
+      BestTwo bt = best_two_init();
+      for (int j = first + lane; j < n; j += step) best_two_push(bt, me.cost_to(y, j, d, p) + price[j], j);
+      return bt;
     }
-    return bt;
   };
-  // The same for two persons in one pass over the objects.
+  // The same for two persons in one pass over the objects (a warp each, first = 0, step = 32).
   auto scan_best_two_pair = [&](const Person<DIM, scalar_t>& pa, const Person<DIM, scalar_t>& pb, BestTwo& bta,
                                 BestTwo& btb) {
-    bta = best_two_init();
-    btb = best_two_init();
     if constexpr (kFiltered) {
-      float thr_a = filter_threshold(kInf), thr_b = thr_a;
-#pragma unroll 4
-      for (int j = lane; j < n; j += 32) {
-        const ObjectRecord r = rec[j];
-        filtered_push<DIM>(bta, thr_a, pa.c, r, price, j, p);
-        filtered_push<DIM>(btb, thr_b, pb.c, r, price, j, p);
-      }
+      const float xs[2][3] = {{pa.c[0], pa.c[1], DIM > 2 ? pa.c[DIM - 1] : 0.f},
+                              {pb.c[0], pb.c[1], DIM > 2 ? pb.c[DIM - 1] : 0.f}};
+      BestTwo bt[2];
+      warp_filtered_scan<DIM, 2, false>(xs, rec, price, 0, 32, n, p, lane, bt);
+      bta = bt[0];
+      btb = bt[1];
     } else {
+      bta = best_two_init();
+      btb = best_two_init();
       for (int j = lane; j < n; j += 32) {
         const double pj = price[j];
         best_two_push(bta, pa.cost_to(y, j, d, p) + pj, j);
@@ -215,17 +270,16 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
   };
   auto scan_min_pair = [&](const Person<DIM, scalar_t>& pa, const Person<DIM, scalar_t>& pb, double& ma,
                            double& mb) {
-    ma = kInf;
-    mb = kInf;
     if constexpr (kFiltered) {
-      float thr_a = filter_threshold(kInf), thr_b = thr_a;
-#pragma unroll 4
-      for (int j = lane; j < n; j += 32) {
-        const ObjectRecord r = rec[j];
-        filtered_min<DIM>(ma, thr_a, pa.c, r, price, j, p);
-        filtered_min<DIM>(mb, thr_b, pb.c, r, price, j, p);
-      }
+      const float xs[2][3] = {{pa.c[0], pa.c[1], DIM > 2 ? pa.c[DIM - 1] : 0.f},
+                              {pb.c[0], pb.c[1], DIM > 2 ? pb.c[DIM - 1] : 0.f}};
+      BestTwo bt[2];
+      warp_filtered_scan<DIM, 2, true>(xs, rec, price, 0, 32, n, p, lane, bt);
+      ma = bt[0].w1;  // the minimum (best_two_push keeps it exactly as fmin would)
+      mb = bt[1].w1;
     } else {
+      ma = kInf;
+      mb = kInf;
       for (int j = lane; j < n; j += 32) {
         const double pj = price[j];
         ma = fmin(ma, pa.cost_to(y, j, d, p) + pj);
@@ -292,7 +346,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
         if (k_local < nb) {
           Person<DIM, scalar_t> me;
           me.load(x, cur[base + k_local], d);
-          BestTwo bt = scan_best_two(me, sub * 32 + lane, wpb * 32);
+          BestTwo bt = scan_best_two(me, sub * 32, wpb * 32);
           bt = warp_reduce_best_two(bt);
           if (lane == 0) s_part[warp] = bt;
         }

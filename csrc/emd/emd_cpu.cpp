@@ -62,7 +62,7 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
         BestTwo bt = best_two_init();
         if constexpr (kFiltered) {
           const float* xi = x + static_cast<long>(i) * d;
-          float thr = filter_threshold(bt.w2);
+          float thr = filter_threshold(float_up(bt.w2));
           for (int j = 0; j < n; ++j) filtered_push<DIM>(bt, thr, xi, rec[j], price, j, p);
         } else {
           for (int j = 0; j < n; ++j) best_two_push(bt, cost(i, j) + price[j], j);
@@ -105,7 +105,7 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
       double m = kInf;
       if constexpr (kFiltered) {
         const float* xi = x + static_cast<long>(i) * d;
-        float thr = filter_threshold(m);
+        float thr = filter_threshold(float_up(m));
         for (int j = 0; j < n; ++j) filtered_min<DIM>(m, thr, xi, rec[j], price, j, p);
       } else {
         for (int j = 0; j < n; ++j) m = std::min(m, cost(i, j) + price[j]);
