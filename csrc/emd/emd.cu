@@ -18,6 +18,9 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "emd/auction.h"
@@ -30,6 +33,7 @@ using namespace ot;
 
 constexpr int kBlock = 1024;
 constexpr int kWarps = kBlock / 32;
+constexpr int kProfSlots = 8;
 
 // Device workspace, each array [B, n] (or [B]) in global memory.
 struct AuctionWork {
@@ -49,6 +53,9 @@ struct AuctionWork {
   double* gap;                    // [B] sum_i slack_i
   int* status;                    // [B]
   long long* rounds;              // [B]
+  // [B, kProfSlots] or null: clock cycles (thread 0, between barriers) and counts per kind of round, filled
+  // only when FLASHAVATAR_EMD_PROFILE=1 (a diagnostic: where a solve's time goes)
+  long long* profile;
 };
 
 __device__ __forceinline__ BestTwo warp_reduce_best_two(BestTwo bt) {
@@ -159,6 +166,7 @@ __device__ __forceinline__ void warp_filtered_scan(const float (&xs)[NP][3], con
         }
       }
     }
+    if (base + kChunk * step >= n) break;  // last chunk: no threshold needed any more
 #pragma unroll
     for (int q = 0; q < NP; ++q)
       if (__any_sync(kFullMask, pushed[q]))
@@ -313,6 +321,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
   if (tid == 0) s_count = n, s_next = 0;
   __syncthreads();
   long long rounds = 0;
+  long long prof[kProfSlots] = {};  // thread 0's: cycles of 1-, 2..32-, >32-bidder rounds, certificates; counts
   int status = kRunning;
   double primal = 0.0, gap = 0.0;
   for (int phase = 0;; ++phase) {
@@ -320,6 +329,8 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
     // ---- rounds of the phase ----
     while (count > 0 && rounds < max_iter) {
       ++rounds;
+      const long long t_round = w.profile != nullptr ? clock64() : 0;
+      const int prev_count = count;
       // Many bidders: a warp scans for two persons at once (one record load serves both: the scan is bound by
       // shared-memory bandwidth) and places both bids itself. Few bidders: warps share a bidder (below).
       for (int base = 0; count > kWarps && base < count; base += 2 * kWarps) {
@@ -402,11 +413,17 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
         if (tid == 0) s_count = s_next, s_next = 0;
         __syncthreads();
       }
+      if (w.profile != nullptr && tid == 0) {
+        const int kind = prev_count == 1 ? 0 : (prev_count <= kWarps ? 1 : 2);
+        prof[kind] += clock64() - t_round;
+        prof[4 + kind] += 1;
+      }
       count = s_count;
       int* t = cur;
       cur = nxt;
       nxt = t;
     }
+    const long long t_cert = w.profile != nullptr ? clock64() : 0;
     if (count > 0) {  // out of rounds: complete the assignment with the free objects
       if (tid == 0) {
         int j = 0;
@@ -447,6 +464,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
     }
     primal = block_reduce(loc_primal, false, s_red);
     gap = block_reduce(loc_gap, false, s_red);
+    if (w.profile != nullptr) prof[3] += clock64() - t_cert, prof[7] += 1;
     if (certified(primal, gap, tol)) {
       status = kConverged;
       break;
@@ -469,6 +487,8 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
   }
   if (price != w.price + off)
     for (int j = tid; j < n; j += kBlock) w.price[off + j] = price[j];
+  if (tid == 0 && w.profile != nullptr)
+    for (int k = 0; k < kProfSlots; ++k) w.profile[item * kProfSlots + k] = prof[k];
   if (tid == 0) {
     w.primal[item] = primal;
     w.gap[item] = gap;
@@ -554,10 +574,28 @@ EmdOutputs emd_forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, cons
   w.gap = gap.data_ptr<double>();
   w.status = status.data_ptr<int>();
   w.rounds = reinterpret_cast<long long*>(rounds.data_ptr<int64_t>());
+  // Diagnostic (FLASHAVATAR_EMD_PROFILE=1): per item, where the kernel's cycles went, printed to stderr.
+  static const bool profile_on = [] {
+    const char* v = std::getenv("FLASHAVATAR_EMD_PROFILE");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  at::Tensor profile = profile_on ? at::zeros({nb, kProfSlots}, x.options().dtype(at::kLong)) : at::Tensor();
+  w.profile = profile_on ? reinterpret_cast<long long*>(profile.data_ptr<int64_t>()) : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emd_forward_cuda", [&] {
     launch_auction<scalar_t>(x, y, static_cast<int>(p), tol, static_cast<long long>(max_iter), w, stream);
   });
+  if (profile_on) {
+    const at::Tensor prof = profile.cpu();  // synchronises
+    const int64_t* v = prof.data_ptr<int64_t>();
+    for (int64_t i = 0; i < nb; ++i, v += kProfSlots)
+      std::fprintf(stderr,
+                   "emd profile item %lld n %lld: Mcycles (rounds) 1 bidder %.3f (%lld), 2-32 %.3f (%lld), >32 %.3f "
+                   "(%lld), certificates %.3f (%lld)\n",
+                   static_cast<long long>(i), static_cast<long long>(n), v[0] * 1e-6, static_cast<long long>(v[4]),
+                   v[1] * 1e-6, static_cast<long long>(v[5]), v[2] * 1e-6, static_cast<long long>(v[6]),
+                   v[3] * 1e-6, static_cast<long long>(v[7]));
+  }
   // Plan, duals and cost from the assignment: stream-ordered tensor ops, no synchronisation.
   at::Tensor plan_index = at::zeros({nb, k, 2}, x.options().dtype(at::kLong));
   at::Tensor plan_weight = at::zeros({nb, k}, f64);
