@@ -33,7 +33,7 @@ using namespace ot;
 
 constexpr int kBlock = 1024;
 constexpr int kWarps = kBlock / 32;
-constexpr int kProfSlots = 8;
+constexpr int kProfSlots = 12;
 
 // Device workspace, each array [B, n] (or [B]) in global memory.
 struct AuctionWork {
@@ -53,7 +53,8 @@ struct AuctionWork {
   double* gap;                    // [B] sum_i slack_i
   int* status;                    // [B]
   long long* rounds;              // [B]
-  // [B, kProfSlots] or null: clock cycles (thread 0, between barriers) and counts per kind of round, filled
+  // [B, kProfSlots] or null: clock cycles (thread 0, after barriers) per kind of round (1 bidder, 2-32, more,
+  // certificates), counts, and the scan and bid parts of the first two kinds; filled
   // only when FLASHAVATAR_EMD_PROFILE=1 (a diagnostic: where a solve's time goes)
   long long* profile;
 };
@@ -331,6 +332,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
       ++rounds;
       const long long t_round = w.profile != nullptr ? clock64() : 0;
       const int prev_count = count;
+      long long t_scanned = t_round, t_bid = t_round;  // profile: after the scans, after the bids (<= 32 bidders)
       // Many bidders: a warp scans for two persons at once (one record load serves both: the scan is bound by
       // shared-memory bandwidth) and places both bids itself. Few bidders: warps share a bidder (below).
       for (int base = 0; count > kWarps && base < count; base += 2 * kWarps) {
@@ -362,6 +364,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
           if (lane == 0) s_part[warp] = bt;
         }
         __syncthreads();
+        if (w.profile != nullptr) t_scanned = clock64();
         if (warp < nb) {  // warp k merges the partials of bidder k
           BestTwo bt = lane < wpb ? s_part[warp * wpb + lane] : best_two_init();
           if (wpb > 1) bt = warp_reduce_best_two(bt);
@@ -381,6 +384,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
           }
         }
         __syncthreads();
+        if (w.profile != nullptr) t_bid = clock64();
       }
       if (count > 1) {
         for (int k = tid; k < count; k += kBlock) {
@@ -417,6 +421,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
         const int kind = prev_count == 1 ? 0 : (prev_count <= kWarps ? 1 : 2);
         prof[kind] += clock64() - t_round;
         prof[4 + kind] += 1;
+        if (kind < 2) prof[8 + kind] += t_scanned - t_round, prof[10 + kind] += t_bid - t_scanned;
       }
       count = s_count;
       int* t = cur;
@@ -591,10 +596,10 @@ EmdOutputs emd_forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, cons
     for (int64_t i = 0; i < nb; ++i, v += kProfSlots)
       std::fprintf(stderr,
                    "emd profile item %lld n %lld: Mcycles (rounds) 1 bidder %.3f (%lld), 2-32 %.3f (%lld), >32 %.3f "
-                   "(%lld), certificates %.3f (%lld)\n",
+                   "(%lld), certificates %.3f (%lld); scans+reduce of 1 / 2-32 %.3f / %.3f, merge+bid %.3f / %.3f\n",
                    static_cast<long long>(i), static_cast<long long>(n), v[0] * 1e-6, static_cast<long long>(v[4]),
                    v[1] * 1e-6, static_cast<long long>(v[5]), v[2] * 1e-6, static_cast<long long>(v[6]),
-                   v[3] * 1e-6, static_cast<long long>(v[7]));
+                   v[3] * 1e-6, static_cast<long long>(v[7]), v[8] * 1e-6, v[9] * 1e-6, v[10] * 1e-6, v[11] * 1e-6);
   }
   // Plan, duals and cost from the assignment: stream-ordered tensor ops, no synchronisation.
   at::Tensor plan_index = at::zeros({nb, k, 2}, x.options().dtype(at::kLong));
