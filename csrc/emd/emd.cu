@@ -3,15 +3,17 @@
 // no host-device synchronisation). General weights / N != M are solved by the CPU transportation solver on a
 // copy (see emd.h).
 //
-// A round inside the block: the unassigned persons are split over the 32 warps (a warp per person, or several
-// warps per person when few are left, so the tail of a phase still uses the whole block); each warp scans all
+// A round inside the block: the unassigned persons are split over the 32 warps (two persons per warp when more
+// than 32 bid, several warps per person when few are left, so the tail of a phase still uses the whole block);
+// each warp scans all
 // objects for (best, second best) and reduces with shuffles; bids go to objects with a 64-bit atomicMax on the
 // bit pattern of the (positive) double bid, ties to the smaller person with atomicMin; the winners take the
 // objects and the evicted persons form the next round's list. A round with a single bidder (most rounds at the
 // end of a phase: chains of evictions) skips the auction bookkeeping. Prices, bids, owners and the bidder lists
 // live in shared memory when they fit (carved greedily, most used first). float inputs with d <= 3 scan
 // 16-byte object records {y_j, float(p_j)} through the float32 pre-filter of auction.h and touch float64 only
-// for the few objects it cannot rule out (same results as the plain scan).
+// for the few objects it cannot rule out (same results as the plain scan); a warp shares the filter threshold.
+// FLASHAVATAR_EMD_PROFILE=1 prints the kernel's cycles per kind of round (benchmarks/results/emd_h100.md).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
