@@ -71,6 +71,38 @@ def test_assignment_matches_pot(kind, d, p):
         assert got == pytest.approx(direct.item(), rel=1e-12, abs=1e-15)
 
 
+@pytest.mark.parametrize("kind", ["random", "clustered", "duplicated", "scales"])
+@pytest.mark.parametrize("d,p", [(2, 2), (3, 2), (3, 1)])
+def test_float_prefilter_changes_nothing(kind, d, p):
+    # float32 inputs with d <= 3 scan through the float32 pre-filter; padding the points with zero coordinates
+    # (d = 4) gives the same float costs through the plain float64 scan. Same rounds, so bit-identical results.
+    gen = torch.Generator().manual_seed(hash((kind, d, p, "filter")) % 2**31)
+    x, y = point_sets(kind, 2, 150, 150, d, gen, dtype=torch.float32)
+    filtered = ops.emd(x, y, p=p, tol=1e-6, return_assignment=True)
+    pad = lambda t: torch.nn.functional.pad(t, (0, 4 - d))  # noqa: E731
+    plain = ops.emd(pad(x), pad(y), p=p, tol=1e-6, return_assignment=True)
+    assert filtered.converged.all()
+    assert torch.equal(filtered.assignment, plain.assignment)
+    assert torch.equal(filtered.iterations, plain.iterations)
+    assert torch.equal(filtered.cost, plain.cost) and torch.equal(filtered.gap, plain.gap)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-20, 3e18])
+def test_float_prefilter_extreme_scales(scale):
+    # the filter's proof at its edges: all costs 0 (threshold from w = 0), subnormal float costs (its absolute
+    # margin) and costs near 1e37 whose prices pass 1e37 (no threshold: every object takes the float64 path).
+    gen = torch.Generator().manual_seed(31)
+    x = scale * torch.rand(1, 120, 3, generator=gen)
+    y = scale * torch.rand(1, 120, 3, generator=gen)
+    y[0, :30] = x[0, :30]  # exact zero costs next to the rest
+    filtered = ops.emd(x, y, tol=1e-6, max_iter=200_000, return_assignment=True)
+    plain = ops.emd(torch.nn.functional.pad(x, (0, 1)), torch.nn.functional.pad(y, (0, 1)), tol=1e-6,
+                    max_iter=200_000, return_assignment=True)
+    assert torch.equal(filtered.assignment, plain.assignment)
+    assert torch.equal(filtered.iterations, plain.iterations)
+    assert torch.equal(filtered.cost, plain.cost) and torch.equal(filtered.gap, plain.gap)
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 200])
 def test_sizes_and_default_tolerance(n):
     gen = torch.Generator().manual_seed(n)

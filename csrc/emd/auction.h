@@ -16,6 +16,7 @@
 // (cost - OPT) <= tol * cost. Costs are evaluated in the input precision and summed in double.
 #pragma once
 #include <cmath>
+#include <cstring>
 
 #include "common/host_device.h"
 
@@ -99,6 +100,74 @@ FA_HD double next_eps(double eps, double primal, double tol, int n) {
   const double scaled = eps / kEpsFactor;
   if (target < eps && scaled < target) return target;
   return scaled;
+}
+
+// ---- float32 pre-filter of the scans (float inputs, d <= 3) ----
+// The scans compare c_ij + p_j in float64 (eps reaches ~1e-5 of the mean cost, below float32 resolution of the
+// prices), but almost every object loses by a wide margin. Each object keeps a record {y_j, p_j rounded to
+// float}; the scan first forms vf = fl32(c_ij + fl32(p_j)) and only takes the exact float64 path
+// (double(c_ij) + p_j, the same value the unfiltered scan uses) when vf cannot prove the object irrelevant.
+// The filter never changes a result: rounds, prices and certificates are those of the exact scan.
+struct alignas(16) ObjectRecord {  // 16 bytes: one vector load on the GPU
+  float y[3];                      // y_j (unused trailing coordinates are 0)
+  float price;                     // float(p_j)
+};
+
+// The smallest float >= w (w >= 0; +inf above the float range): float keys that bound float64 values from above.
+FA_HD float float_up(double w) {
+  float f = static_cast<float>(w);
+  if (static_cast<double>(f) < w) f = nextafterf(f, HUGE_VALF);
+  return f;
+}
+
+// The float threshold t that proves "c + p > w" from vf >= t, for any w <= w_up (w_up = float_up(w), or a
+// larger key). With c, p >= 0 (prices only rise from 0) and u = 2^-24, |vf - (c + p)| <= (2u + u^2)(c + p), so
+// vf >= w_up (1 + 32u) (1 - u) + 1e-37 implies c + p > w_up (the absolute term covers subnormal rounding, the
+// margin the roundings of t and of the float64 sum). NaN (compares false: always take the exact path) when
+// w_up is above 1e37, infinite or NaN. The proof is strict, so skipping never changes a tie-break.
+FA_HD float filter_threshold(float w_up) {
+  if (!(w_up <= 1e37f)) {
+    const unsigned int nan_bits = 0x7fc00000u;
+    float nan;
+    memcpy(&nan, &nan_bits, sizeof(nan));
+    return nan;
+  }
+  return (w_up + w_up * 0x1p-19f) + 1e-37f;
+}
+
+// The float value the filter compares: fl32(c + float(p)).
+FA_HD float filter_value(float c, const ObjectRecord& r) { return c + r.price; }
+
+// Object j (record r, exact prices `price`) into the running best two of person xi, serially (the CPU twin;
+// the CUDA kernel shares the threshold across a warp). thr: the filter threshold of bt.w2, updated when bt
+// changes. An object with c + p > w2 never changes bt.
+template <int DIM>
+FA_HD void filtered_push(BestTwo& bt, float& thr, const float* xi, const ObjectRecord& r, const double* price,
+                         int j, int p) {
+  const float c = ground_cost<DIM, float>(xi, r.y, DIM, p);
+  if (!(filter_value(c, r) >= thr)) {
+    best_two_push(bt, static_cast<double>(c) + price[j], j);
+    thr = filter_threshold(float_up(bt.w2));
+  }
+}
+
+// The same for the certificate's row minimum m (thr: the threshold of m).
+template <int DIM>
+FA_HD void filtered_min(double& m, float& thr, const float* xi, const ObjectRecord& r, const double* price, int j,
+                        int p) {
+  const float c = ground_cost<DIM, float>(xi, r.y, DIM, p);
+  if (!(filter_value(c, r) >= thr)) {
+    m = fmin(m, static_cast<double>(c) + price[j]);
+    thr = filter_threshold(float_up(m));
+  }
+}
+
+// Record of object j from its coordinates (d <= 3) and price.
+template <int DIM, typename scalar_t>
+FA_HD ObjectRecord make_record(const scalar_t* yj, double price_j) {
+  ObjectRecord r{{0.f, 0.f, 0.f}, static_cast<float>(price_j)};
+  for (int k = 0; k < DIM; ++k) r.y[k] = static_cast<float>(yj[k]);
+  return r;
 }
 
 // Status codes written per batch item.

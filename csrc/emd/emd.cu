@@ -3,17 +3,27 @@
 // no host-device synchronisation). General weights / N != M are solved by the CPU transportation solver on a
 // copy (see emd.h).
 //
-// A round inside the block: the unassigned persons are split over the 32 warps (a warp per person, or several
-// warps per person when few are left, so the tail of a phase still uses the whole block); each warp scans all
+// A round inside the block: the unassigned persons are split over the 32 warps (two persons per warp when more
+// than 32 bid, several warps per person when few are left, so the tail of a phase still uses the whole block);
+// each warp scans all
 // objects for (best, second best) and reduces with shuffles; bids go to objects with a 64-bit atomicMax on the
 // bit pattern of the (positive) double bid, ties to the smaller person with atomicMin; the winners take the
 // objects and the evicted persons form the next round's list. A round with a single bidder (most rounds at the
 // end of a phase: chains of evictions) skips the auction bookkeeping. Prices, bids, owners and the bidder lists
-// live in shared memory when they fit (see the tiers in auction_kernel).
+// live in shared memory when they fit (carved greedily, most used first). float inputs with d <= 3 scan
+// 16-byte object records {y_j, float(p_j)} through the float32 pre-filter of auction.h and touch float64 only
+// for the few objects it cannot rule out (same results as the plain scan); a warp shares the filter threshold.
+// FLASHAVATAR_EMD_PROFILE=1 prints the kernel's cycles per kind of round (benchmarks/results/emd_h100.md).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/types.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 
 #include "emd/auction.h"
 #include "emd/emd.h"
@@ -25,9 +35,11 @@ using namespace ot;
 
 constexpr int kBlock = 1024;
 constexpr int kWarps = kBlock / 32;
+constexpr int kProfSlots = 12;
 
 // Device workspace, each array [B, n] (or [B]) in global memory.
 struct AuctionWork {
+  ObjectRecord* rec;              // [B, n] {y_j, float(p_j)} (float inputs, d <= 3; else unused)
   double* price;                  // [B, n]
   int* sigma;                     // [B, n] person -> object (-1 free)
   int* owner;                     // [B, n] object -> person (-1 free)
@@ -43,6 +55,10 @@ struct AuctionWork {
   double* gap;                    // [B] sum_i slack_i
   int* status;                    // [B]
   long long* rounds;              // [B]
+  // [B, kProfSlots] or null: clock cycles (thread 0, after barriers) per kind of round (1 bidder, 2-32, more,
+  // certificates), counts, and the scan and bid parts of the first two kinds; filled
+  // only when FLASHAVATAR_EMD_PROFILE=1 (a diagnostic: where a solve's time goes)
+  long long* profile;
 };
 
 __device__ __forceinline__ BestTwo warp_reduce_best_two(BestTwo bt) {
@@ -106,11 +122,96 @@ struct Person {
   }
 };
 
+// Warp-cooperative filtered scan (float inputs, d <= 3) for NP persons at once (one record load serves all).
+// Lane l takes objects first + l + k * step (first warp-uniform). Each person's filter threshold is shared by
+// the warp: it proves that an object loses to the warp's running second best (bid scans) or minimum
+// (kMinOnly: certificates), values the warp has already seen. A lane-local threshold (the CPU twin's) is far
+// looser early on and sent some lane of the warp down the float64 path in most iterations. Skipped objects
+// are strictly worse than the warp's final second best, so the merged result is that of the plain scan.
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ unsigned key_up(double w) { return __float_as_uint(float_up(w)); }
+
+// A float key >= the second smallest value held by the lanes (w1 and w2 of each): non-negative floats order
+// like their bit patterns.
+__device__ __forceinline__ unsigned warp_second_key(const BestTwo& bt) {
+  const unsigned k1 = key_up(bt.w1), m1 = __reduce_min_sync(kFullMask, k1);
+  const unsigned m2 = __popc(__ballot_sync(kFullMask, k1 == m1)) > 1
+                          ? m1
+                          : __reduce_min_sync(kFullMask, k1 == m1 ? 0xffffffffu : k1);
+  return min(m2, __reduce_min_sync(kFullMask, key_up(bt.w2)));
+}
+
+template <int DIM, int NP, bool kMinOnly>
+__device__ __forceinline__ void warp_filtered_scan(const float (&xs)[NP][3], const ObjectRecord* rec,
+                                                   const double* price, int first, int step, int n, int p,
+                                                   int lane, BestTwo (&bt)[NP]) {
+  constexpr int kChunk = 4;  // objects per lane between threshold updates
+  float thr[NP];
+#pragma unroll
+  for (int q = 0; q < NP; ++q) bt[q] = best_two_init(), thr[q] = filter_threshold(HUGE_VALF);
+  for (int base = first; base < n; base += kChunk * step) {
+    bool pushed[NP];
+#pragma unroll
+    for (int q = 0; q < NP; ++q) pushed[q] = false;
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      const int j = base + k * step + lane;
+      if (j < n) {
+        const ObjectRecord r = rec[j];
+#pragma unroll
+        for (int q = 0; q < NP; ++q) {
+          const float c = ground_cost<DIM, float>(xs[q], r.y, DIM, p);
+          if (!(filter_value(c, r) >= thr[q])) {
+            best_two_push(bt[q], static_cast<double>(c) + price[j], j);
+            pushed[q] = true;
+          }
+        }
+      }
+    }
+    if (base + kChunk * step >= n) break;  // last chunk: no threshold needed any more
+#pragma unroll
+    for (int q = 0; q < NP; ++q)
+      if (__any_sync(kFullMask, pushed[q]))
+        thr[q] = filter_threshold(
+            __uint_as_float(kMinOnly ? __reduce_min_sync(kFullMask, key_up(bt[q].w1)) : warp_second_key(bt[q])));
+  }
+}
+
+// Greedy carving of the dynamic shared memory: arrays are taken in order of how often a round touches them and
+// fall back to their global-memory copy when the rest no longer fits.
+struct SmemCarver {
+  unsigned char* next;
+  size_t left;
+  template <typename T>
+  __device__ T* take(int n, T* fallback) {
+    const size_t bytes = (static_cast<size_t>(n) * sizeof(T) + 15) & ~static_cast<size_t>(15);
+    if (bytes > left) return fallback;
+    T* ptr = reinterpret_cast<T*>(next);
+    next += bytes;
+    left -= bytes;
+    return ptr;
+  }
+};
+
+// Shared-memory bytes that hold every carved array (the host asks for this much or the opt-in maximum).
+template <bool kFiltered>
+size_t carved_bytes(int n) {
+  auto round16 = [](size_t b) { return (b + 15) & ~static_cast<size_t>(15); };
+  const size_t nn = static_cast<size_t>(n);
+  size_t total = kFiltered ? round16(nn * sizeof(ObjectRecord)) : 0;
+  total += 2 * round16(nn * sizeof(double)) + round16(nn * sizeof(unsigned long long));  // price, bid_val, best_bits
+  total += 5 * round16(nn * sizeof(int));  // owner, winner, bid_obj, cur, nxt
+  return total;
+}
+
 template <int DIM, typename scalar_t>
 __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restrict__ x_all /* [B, n, d] */,
                                                          const scalar_t* __restrict__ y_all /* [B, n, d] */, int n,
                                                          int d, int p, double tol, long long max_iter,
-                                                         int smem_tier, AuctionWork w) {
+                                                         size_t smem_bytes, AuctionWork w) {
+  // float inputs with d <= 3 scan object records {y_j, float(p_j)} through the float32 pre-filter (auction.h).
+  constexpr bool kFiltered = std::is_same_v<scalar_t, float> && (DIM == 2 || DIM == 3);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const long item = blockIdx.x, off = item * n;
   const scalar_t* x = x_all + off * d;
@@ -118,50 +219,85 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
   int* sigma = w.sigma + off;
   double* row_min = w.row_min + off;
   double* slack = w.slack + off;
-  // State touched every round lives in shared memory when it fits: a round is a chain of dependent accesses
-  // (list -> bid -> owner -> list), so global-memory latency, not arithmetic, sets its time.
-  //   tier 2: everything (44 bytes per object, N up to ~5k on Hopper); tier 1: per-object state only (24 bytes,
-  //   N up to ~9.6k); tier 0: all in global memory.
+  // State in shared memory, most used first: the scans read records (or y in global memory) and prices for
+  // every object each round; a round's bookkeeping is a chain of dependent accesses (list -> bid -> owner ->
+  // list), so latency, not bandwidth, sets its time. Whatever does not fit stays in global memory.
   extern __shared__ __align__(16) unsigned char s_dyn[];
-  double* price;                  // [n]
-  unsigned long long* best_bits;  // [n] highest bid of the round per object (bits of a positive double)
-  int* winner;                    // [n] smallest person index among the highest bids
-  int* owner;                     // [n] object -> person (-1 free)
-  double* bid_val;                // [n] per bidder slot
-  int* bid_obj;                   // [n] per bidder slot
-  int* cur;                       // [n] unassigned persons (double-buffered with nxt)
-  int* nxt;                       // [n]
-  if (smem_tier >= 1) {
-    price = reinterpret_cast<double*>(s_dyn);
-    best_bits = reinterpret_cast<unsigned long long*>(price + n);
-    double* after = reinterpret_cast<double*>(best_bits + n);
-    if (smem_tier >= 2) {
-      bid_val = after;
-      after += n;
+  SmemCarver carve{s_dyn, smem_bytes};
+  ObjectRecord* rec = kFiltered ? carve.take(n, w.rec + off) : nullptr;  // [n]
+  double* price = carve.take(n, w.price + off);                             // [n]
+  int* owner = carve.take(n, w.owner + off);                                // [n] object -> person (-1 free)
+  int* cur = carve.take(n, w.list0 + off);  // [n] unassigned persons (double-buffered with nxt): every round
+  int* nxt = carve.take(n, w.list1 + off);  // [n]
+  // [n] highest bid of the round per object (bits of a positive double), smallest person among those bids
+  unsigned long long* best_bits = carve.take(n, w.best_bits + off);
+  int* winner = carve.take(n, w.winner + off);
+  int* bid_obj = carve.take(n, w.bid_obj + off);     // [n] per bidder slot (rounds with several bidders)
+  double* bid_val = carve.take(n, w.bid_val + off);  // [n]
+  auto set_price = [&](int j, double v) {
+    price[j] = v;
+    if constexpr (kFiltered) rec[j].price = static_cast<float>(v);
+  };
+  // Best two of c_ij + p_j over j = first + lane, first + lane + step, ... for person `me` (first warp-uniform).
+  auto scan_best_two = [&](const Person<DIM, scalar_t>& me, int first, int step) {
+    if constexpr (kFiltered) {
+      const float xs[1][3] = {{me.c[0], me.c[1], DIM > 2 ? me.c[DIM - 1] : 0.f}};
+      BestTwo bt[1];
+      warp_filtered_scan<DIM, 1, false>(xs, rec, price, first, step, n, p, lane, bt);
+      return bt[0];
     } else {
-      bid_val = w.bid_val + off;
+      BestTwo bt = best_two_init();
+      for (int j = first + lane; j < n; j += step) best_two_push(bt, me.cost_to(y, j, d, p) + price[j], j);
+      return bt;
     }
-    winner = reinterpret_cast<int*>(after);
-    owner = winner + n;
-    if (smem_tier >= 2) {
-      bid_obj = owner + n;
-      cur = bid_obj + n;
-      nxt = cur + n;
+  };
+  // The same for two persons in one pass over the objects (a warp each, first = 0, step = 32).
+  auto scan_best_two_pair = [&](const Person<DIM, scalar_t>& pa, const Person<DIM, scalar_t>& pb, BestTwo& bta,
+                                BestTwo& btb) {
+    if constexpr (kFiltered) {
+      const float xs[2][3] = {{pa.c[0], pa.c[1], DIM > 2 ? pa.c[DIM - 1] : 0.f},
+                              {pb.c[0], pb.c[1], DIM > 2 ? pb.c[DIM - 1] : 0.f}};
+      BestTwo bt[2];
+      warp_filtered_scan<DIM, 2, false>(xs, rec, price, 0, 32, n, p, lane, bt);
+      bta = bt[0];
+      btb = bt[1];
     } else {
-      bid_obj = w.bid_obj + off;
-      cur = w.list0 + off;
-      nxt = w.list1 + off;
+      bta = best_two_init();
+      btb = best_two_init();
+      for (int j = lane; j < n; j += 32) {
+        const double pj = price[j];
+        best_two_push(bta, pa.cost_to(y, j, d, p) + pj, j);
+        best_two_push(btb, pb.cost_to(y, j, d, p) + pj, j);
+      }
     }
-  } else {
-    price = w.price + off;
-    best_bits = w.best_bits + off;
-    winner = w.winner + off;
-    owner = w.owner + off;
-    bid_val = w.bid_val + off;
-    bid_obj = w.bid_obj + off;
-    cur = w.list0 + off;
-    nxt = w.list1 + off;
-  }
+  };
+  // Bid of bidder slot k (Jacobi: against the prices at the start of the round).
+  auto place_bid = [&](int k, const BestTwo& bt, double eps_now) {
+    const int j = bid_target(bt);
+    const double val = bid_price(bt, price[j], eps_now);
+    bid_obj[k] = j;
+    bid_val[k] = val;
+    atomicMax(&best_bits[j], static_cast<unsigned long long>(__double_as_longlong(val)));
+  };
+  auto scan_min_pair = [&](const Person<DIM, scalar_t>& pa, const Person<DIM, scalar_t>& pb, double& ma,
+                           double& mb) {
+    if constexpr (kFiltered) {
+      const float xs[2][3] = {{pa.c[0], pa.c[1], DIM > 2 ? pa.c[DIM - 1] : 0.f},
+                              {pb.c[0], pb.c[1], DIM > 2 ? pb.c[DIM - 1] : 0.f}};
+      BestTwo bt[2];
+      warp_filtered_scan<DIM, 2, true>(xs, rec, price, 0, 32, n, p, lane, bt);
+      ma = bt[0].w1;  // the minimum (best_two_push keeps it exactly as fmin would)
+      mb = bt[1].w1;
+    } else {
+      ma = kInf;
+      mb = kInf;
+      for (int j = lane; j < n; j += 32) {
+        const double pj = price[j];
+        ma = fmin(ma, pa.cost_to(y, j, d, p) + pj);
+        mb = fmin(mb, pb.cost_to(y, j, d, p) + pj);
+      }
+    }
+  };
 
   __shared__ BestTwo s_part[kWarps];
   __shared__ double s_red[kWarps];
@@ -169,6 +305,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
 
   for (int j = tid; j < n; j += kBlock) {
     price[j] = 0.0;
+    if constexpr (kFiltered) rec[j] = make_record<DIM>(y + static_cast<long>(j) * DIM, 0.0);
     sigma[j] = -1;
     owner[j] = -1;
     best_bits[j] = 0ull;
@@ -187,6 +324,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
   if (tid == 0) s_count = n, s_next = 0;
   __syncthreads();
   long long rounds = 0;
+  long long prof[kProfSlots] = {};  // thread 0's: cycles of 1-, 2..32-, >32-bidder rounds, certificates; counts
   int status = kRunning;
   double primal = 0.0, gap = 0.0;
   for (int phase = 0;; ++phase) {
@@ -194,19 +332,41 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
     // ---- rounds of the phase ----
     while (count > 0 && rounds < max_iter) {
       ++rounds;
-      for (int base = 0; base < count; base += kWarps) {
+      const long long t_round = w.profile != nullptr ? clock64() : 0;
+      const int prev_count = count;
+      long long t_scanned = t_round, t_bid = t_round;  // profile: after the scans, after the bids (<= 32 bidders)
+      // Many bidders: a warp scans for two persons at once (one record load serves both: the scan is bound by
+      // shared-memory bandwidth) and places both bids itself. Few bidders: warps share a bidder (below).
+      for (int base = 0; count > kWarps && base < count; base += 2 * kWarps) {
+        const int k0 = base + 2 * warp, k1 = min(k0 + 1, count - 1);  // odd tail: k1 = k0, its result dropped
+        if (k0 < count) {
+          Person<DIM, scalar_t> pa, pb;
+          pa.load(x, cur[k0], d);
+          pb.load(x, cur[k1], d);
+          BestTwo bta, btb;
+          scan_best_two_pair(pa, pb, bta, btb);
+          bta = warp_reduce_best_two(bta);
+          btb = warp_reduce_best_two(btb);
+          if (lane == 0) {
+            place_bid(k0, bta, eps);
+            if (k1 != k0) place_bid(k1, btb, eps);
+          }
+        }
+      }
+      if (count > kWarps) __syncthreads();
+      for (int base = 0; count <= kWarps && base < count; base += kWarps) {
         const int nb = min(kWarps, count - base);
         const int wpb = kWarps / nb;  // warps per bidder: the whole block scans for a lone bidder
         const int k_local = warp / wpb, sub = warp - k_local * wpb;
         if (k_local < nb) {
           Person<DIM, scalar_t> me;
           me.load(x, cur[base + k_local], d);
-          BestTwo bt = best_two_init();
-          for (int j = sub * 32 + lane; j < n; j += wpb * 32) best_two_push(bt, me.cost_to(y, j, d, p) + price[j], j);
+          BestTwo bt = scan_best_two(me, sub * 32, wpb * 32);
           bt = warp_reduce_best_two(bt);
           if (lane == 0) s_part[warp] = bt;
         }
         __syncthreads();
+        if (w.profile != nullptr) t_scanned = clock64();
         if (warp < nb) {  // warp k merges the partials of bidder k
           BestTwo bt = lane < wpb ? s_part[warp * wpb + lane] : best_two_init();
           if (wpb > 1) bt = warp_reduce_best_two(bt);
@@ -218,16 +378,15 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
               if (old >= 0) sigma[old] = -1, nxt[0] = old;
               owner[j] = i;
               sigma[i] = j;
-              price[j] = val;
+              set_price(j, val);
               s_count = old >= 0 ? 1 : 0;
             } else {
-              bid_obj[base + warp] = j;
-              bid_val[base + warp] = val;
-              atomicMax(&best_bits[j], static_cast<unsigned long long>(__double_as_longlong(val)));
+              place_bid(base + warp, bt, eps);
             }
           }
         }
         __syncthreads();
+        if (w.profile != nullptr) t_bid = clock64();
       }
       if (count > 1) {
         for (int k = tid; k < count; k += kBlock) {
@@ -246,7 +405,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
             }
             owner[j] = i;
             sigma[i] = j;
-            price[j] = bid_val[k];
+            set_price(j, bid_val[k]);
           } else {
             nxt[atomicAdd(&s_next, 1)] = i;
           }
@@ -260,11 +419,18 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
         if (tid == 0) s_count = s_next, s_next = 0;
         __syncthreads();
       }
+      if (w.profile != nullptr && tid == 0) {
+        const int kind = prev_count == 1 ? 0 : (prev_count <= kWarps ? 1 : 2);
+        prof[kind] += clock64() - t_round;
+        prof[4 + kind] += 1;
+        if (kind < 2) prof[8 + kind] += t_scanned - t_round, prof[10 + kind] += t_bid - t_scanned;
+      }
       count = s_count;
       int* t = cur;
       cur = nxt;
       nxt = t;
     }
+    const long long t_cert = w.profile != nullptr ? clock64() : 0;
     if (count > 0) {  // out of rounds: complete the assignment with the free objects
       if (tid == 0) {
         int j = 0;
@@ -278,26 +444,34 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
       status = kMaxIter;
       __syncthreads();
     }
-    // ---- certificate: a warp per row ----
+    // ---- certificate: a warp per two rows ----
     double loc_primal = 0.0, loc_gap = 0.0;
-    for (int i = warp; i < n; i += kWarps) {
-      Person<DIM, scalar_t> me;
-      me.load(x, i, d);
-      double m = kInf;
-      for (int j = lane; j < n; j += 32) m = fmin(m, me.cost_to(y, j, d, p) + price[j]);
-      m = warp_min(m);
+    for (int i0 = 2 * warp; i0 < n; i0 += 2 * kWarps) {
+      const int i1 = min(i0 + 1, n - 1);  // odd n: the last warp repeats its row, counted once
+      Person<DIM, scalar_t> pa, pb;
+      pa.load(x, i0, d);
+      pb.load(x, i1, d);
+      double ma, mb;
+      scan_min_pair(pa, pb, ma, mb);
+      ma = warp_min(ma);
+      mb = warp_min(mb);
       if (lane == 0) {
-        const int j = sigma[i];
-        const double ci = me.cost_to(y, j, d, p);
-        const double s = fmax(0.0, ci + price[j] - m);
-        row_min[i] = m;
-        slack[i] = s;
-        loc_primal += ci;
-        loc_gap += s;
+        for (int r = 0; r < (i1 != i0 ? 2 : 1); ++r) {
+          const int i = r == 0 ? i0 : i1;
+          const double m = r == 0 ? ma : mb;
+          const int j = sigma[i];
+          const double ci = (r == 0 ? pa : pb).cost_to(y, j, d, p);
+          const double s = fmax(0.0, ci + price[j] - m);
+          row_min[i] = m;
+          slack[i] = s;
+          loc_primal += ci;
+          loc_gap += s;
+        }
       }
     }
     primal = block_reduce(loc_primal, false, s_red);
     gap = block_reduce(loc_gap, false, s_red);
+    if (w.profile != nullptr) prof[3] += clock64() - t_cert, prof[7] += 1;
     if (certified(primal, gap, tol)) {
       status = kConverged;
       break;
@@ -318,8 +492,10 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
     }
     __syncthreads();
   }
-  if (smem_tier >= 1)
+  if (price != w.price + off)
     for (int j = tid; j < n; j += kBlock) w.price[off + j] = price[j];
+  if (tid == 0 && w.profile != nullptr)
+    for (int k = 0; k < kProfSlots; ++k) w.profile[item * kProfSlots + k] = prof[k];
   if (tid == 0) {
     w.primal[item] = primal;
     w.gap[item] = gap;
@@ -334,17 +510,14 @@ void launch_auction_dim(const scalar_t* xp, const scalar_t* yp, int nb, int n, i
   int device = 0, max_optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t tier1 = 2 * sizeof(double) + 2 * sizeof(int);  // price, best_bits, winner, owner
-  const size_t tier2 = tier1 + sizeof(double) + 3 * sizeof(int);  // + bid_val, bid_obj, two lists
-  const size_t static_bytes = 2048;                               // s_part, s_red, counters (upper bound)
+  constexpr bool kFiltered = std::is_same_v<scalar_t, float> && (DIM == 2 || DIM == 3);
+  const size_t static_bytes = 2048;  // s_part, s_red, counters (upper bound)
   const size_t avail = max_optin > static_cast<int>(static_bytes) ? max_optin - static_bytes : 0;
-  const size_t nn = static_cast<size_t>(n);
-  const int tier = tier2 * nn <= avail ? 2 : (tier1 * nn <= avail ? 1 : 0);
-  const size_t bytes = tier == 2 ? tier2 * nn : (tier == 1 ? tier1 * nn : 0);
+  const size_t bytes = std::min(avail, carved_bytes<kFiltered>(n));
   auto kernel = auction_kernel<DIM, scalar_t>;
   // Opt in to more than the default 48 KiB of dynamic shared memory (static bytes count against it too).
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  kernel<<<nb, kBlock, bytes, stream>>>(xp, yp, n, d, p, tol, max_iter, tier, w);
+  kernel<<<nb, kBlock, bytes, stream>>>(xp, yp, n, d, p, tol, max_iter, bytes, w);
   FA_CUDA_CHECK_LAUNCH();
 }
 
@@ -387,7 +560,12 @@ EmdOutputs emd_forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, cons
              bid_val = at::empty({nb, n}, f64), row_min = at::empty({nb, n}, f64), slack = at::empty({nb, n}, f64),
              primal = at::empty({nb}, f64), gap = at::empty({nb}, f64), status = at::empty({nb}, i32),
              rounds = at::empty({nb}, x.options().dtype(at::kLong));
+  // 16-byte records (float inputs with d <= 3), 16-byte aligned: offsets are multiples of 16 bytes.
+  const bool filtered = x.scalar_type() == at::kFloat && (x.size(2) == 2 || x.size(2) == 3);
+  at::Tensor rec = at::empty({filtered ? nb * n * static_cast<int64_t>(sizeof(ObjectRecord)) : 0},
+                             x.options().dtype(at::kByte));
   AuctionWork w;
+  w.rec = filtered ? reinterpret_cast<ObjectRecord*>(rec.data_ptr<uint8_t>()) : nullptr;
   w.price = price.data_ptr<double>();
   w.sigma = sigma.data_ptr<int>();
   w.owner = owner.data_ptr<int>();
@@ -403,10 +581,28 @@ EmdOutputs emd_forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, cons
   w.gap = gap.data_ptr<double>();
   w.status = status.data_ptr<int>();
   w.rounds = reinterpret_cast<long long*>(rounds.data_ptr<int64_t>());
+  // Diagnostic (FLASHAVATAR_EMD_PROFILE=1): per item, where the kernel's cycles went, printed to stderr.
+  static const bool profile_on = [] {
+    const char* v = std::getenv("FLASHAVATAR_EMD_PROFILE");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  at::Tensor profile = profile_on ? at::zeros({nb, kProfSlots}, x.options().dtype(at::kLong)) : at::Tensor();
+  w.profile = profile_on ? reinterpret_cast<long long*>(profile.data_ptr<int64_t>()) : nullptr;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "emd_forward_cuda", [&] {
     launch_auction<scalar_t>(x, y, static_cast<int>(p), tol, static_cast<long long>(max_iter), w, stream);
   });
+  if (profile_on) {
+    const at::Tensor prof = profile.cpu();  // synchronises
+    const int64_t* v = prof.data_ptr<int64_t>();
+    for (int64_t i = 0; i < nb; ++i, v += kProfSlots)
+      std::fprintf(stderr,
+                   "emd profile item %lld n %lld: Mcycles (rounds) 1 bidder %.3f (%lld), 2-32 %.3f (%lld), >32 %.3f "
+                   "(%lld), certificates %.3f (%lld); scans+reduce of 1 / 2-32 %.3f / %.3f, merge+bid %.3f / %.3f\n",
+                   static_cast<long long>(i), static_cast<long long>(n), v[0] * 1e-6, static_cast<long long>(v[4]),
+                   v[1] * 1e-6, static_cast<long long>(v[5]), v[2] * 1e-6, static_cast<long long>(v[6]),
+                   v[3] * 1e-6, static_cast<long long>(v[7]), v[8] * 1e-6, v[9] * 1e-6, v[10] * 1e-6, v[11] * 1e-6);
+  }
   // Plan, duals and cost from the assignment: stream-ordered tensor ops, no synchronisation.
   at::Tensor plan_index = at::zeros({nb, k, 2}, x.options().dtype(at::kLong));
   at::Tensor plan_weight = at::zeros({nb, k}, f64);

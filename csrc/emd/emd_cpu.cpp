@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "emd/auction.h"
@@ -28,6 +29,15 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
   auto cost = [&](int i, int j) -> double {
     return static_cast<double>(ground_cost<DIM, scalar_t>(x + static_cast<long>(i) * d, y + static_cast<long>(j) * d, d, p));
   };
+  // float inputs with d <= 3 scan through the float32 pre-filter (auction.h), as the CUDA kernel does; the
+  // results are those of the plain scan.
+  constexpr bool kFiltered = std::is_same_v<scalar_t, float> && (DIM == 2 || DIM == 3);
+  std::vector<ObjectRecord> rec(kFiltered ? n : 0);
+  for (int j = 0; j < static_cast<int>(rec.size()); ++j) rec[j] = make_record<DIM>(y + static_cast<long>(j) * d, 0.0);
+  auto set_price = [&](int j, double v) {
+    price[j] = v;
+    if constexpr (kFiltered) rec[j].price = static_cast<float>(v);
+  };
   AuctionOut out;
   std::vector<int> owner(n, -1), cur, nxt, bid_obj(n), winner(n, kNoIndex);
   std::vector<double> bid_val(n), best_bid(n, -1.0), slack(n);
@@ -50,7 +60,13 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
       for (int k = 0; k < count; ++k) {  // bids (against the prices at the start of the round: Jacobi)
         const int i = cur[k];
         BestTwo bt = best_two_init();
-        for (int j = 0; j < n; ++j) best_two_push(bt, cost(i, j) + price[j], j);
+        if constexpr (kFiltered) {
+          const float* xi = x + static_cast<long>(i) * d;
+          float thr = filter_threshold(float_up(bt.w2));
+          for (int j = 0; j < n; ++j) filtered_push<DIM>(bt, thr, xi, rec[j], price, j, p);
+        } else {
+          for (int j = 0; j < n; ++j) best_two_push(bt, cost(i, j) + price[j], j);
+        }
         bid_obj[k] = bid_target(bt);
         bid_val[k] = bid_price(bt, price[bid_obj[k]], eps);
       }
@@ -66,7 +82,7 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
           if (old >= 0) sigma[old] = -1, nxt.push_back(old);
           owner[j] = i;
           sigma[i] = j;
-          price[j] = bid_val[k];
+          set_price(j, bid_val[k]);
         } else {
           nxt.push_back(i);
         }
@@ -87,7 +103,13 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
     double primal = 0.0, gap = 0.0;
     for (int i = 0; i < n; ++i) {
       double m = kInf;
-      for (int j = 0; j < n; ++j) m = std::min(m, cost(i, j) + price[j]);
+      if constexpr (kFiltered) {
+        const float* xi = x + static_cast<long>(i) * d;
+        float thr = filter_threshold(float_up(m));
+        for (int j = 0; j < n; ++j) filtered_min<DIM>(m, thr, xi, rec[j], price, j, p);
+      } else {
+        for (int j = 0; j < n; ++j) m = std::min(m, cost(i, j) + price[j]);
+      }
       const double ci = cost(i, sigma[i]);
       row_min[i] = m;
       slack[i] = std::max(0.0, ci + price[sigma[i]] - m);
