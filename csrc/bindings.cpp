@@ -10,6 +10,9 @@
 // ---- emd headers ----
 #include "emd/emd.h"
 // ---- end emd headers ----
+// ---- assembly headers ----
+#include "assembly/assembly.h"
+// ---- end assembly headers ----
 
 TORCH_LIBRARY(flashavatar, m) {
   // ---- rasterizer schemas ----
@@ -39,6 +42,14 @@ TORCH_LIBRARY(flashavatar, m) {
         "-> (Tensor cost, Tensor plan_index, Tensor plan_weight, Tensor f, Tensor g, Tensor status, Tensor gap, "
         "Tensor iterations)");
   // ---- end emd schemas ----
+  // ---- assembly schemas ----
+  // Shapes: csrc/assembly/assembly.h. Outputs: means, quats, scales, local_quats.
+  m.def("gaussian_assembly(Tensor verts, Tensor faces, Tensor barycentrics, Tensor rotation, Tensor log_scale, "
+        "Tensor raw, float offset_scale, bool parity) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gaussian_assembly_backward(Tensor grad_means, Tensor grad_quats, Tensor grad_scales, "
+        "Tensor grad_local_quats, Tensor verts, Tensor faces, Tensor barycentrics, Tensor rotation, "
+        "Tensor log_scale, Tensor raw, float offset_scale, bool parity) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ---- end assembly schemas ----
 }
 
 TORCH_LIBRARY_IMPL(flashavatar, CPU, m) {
@@ -52,6 +63,10 @@ TORCH_LIBRARY_IMPL(flashavatar, CPU, m) {
   m.impl("gaussian_w2_sq_backward", &flashavatar::gaussian_w2_sq_backward_cpu);
   m.impl("emd_forward", &flashavatar::emd_forward_cpu);
   // ---- end emd CPU ----
+  // ---- assembly CPU ----
+  m.impl("gaussian_assembly", &flashavatar::gaussian_assembly_cpu);
+  m.impl("gaussian_assembly_backward", &flashavatar::gaussian_assembly_backward_cpu);
+  // ---- end assembly CPU ----
 }
 
 #ifdef WITH_CUDA
@@ -66,6 +81,10 @@ TORCH_LIBRARY_IMPL(flashavatar, CUDA, m) {
   m.impl("gaussian_w2_sq_backward", &flashavatar::gaussian_w2_sq_backward_cuda);
   m.impl("emd_forward", &flashavatar::emd_forward_cuda);
   // ---- end emd CUDA ----
+  // ---- assembly CUDA ----
+  m.impl("gaussian_assembly", &flashavatar::gaussian_assembly_cuda);
+  m.impl("gaussian_assembly_backward", &flashavatar::gaussian_assembly_backward_cuda);
+  // ---- end assembly CUDA ----
 }
 #endif
 
