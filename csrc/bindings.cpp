@@ -48,7 +48,8 @@ TORCH_LIBRARY(flashavatar, m) {
         "Tensor raw, float offset_scale, bool parity) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gaussian_assembly_backward(Tensor grad_means, Tensor grad_quats, Tensor grad_scales, "
         "Tensor grad_local_quats, Tensor verts, Tensor faces, Tensor barycentrics, Tensor rotation, "
-        "Tensor log_scale, Tensor raw, float offset_scale, bool parity) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor log_scale, Tensor raw, float offset_scale, bool parity, bool need_verts_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // ---- end assembly schemas ----
 }
 

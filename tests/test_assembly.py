@@ -101,6 +101,12 @@ def test_vjp_matches_reference_autograd(parity):
     for name, a, b in zip(("verts", "rotation", "log_scale", "raw"), *grads):
         assert float(b.abs().max()) > 0, name  # every input matters
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=name)
+    # a constant mesh (the usual case in training): the other gradients are unchanged
+    leaves = [t.clone().requires_grad_() for t in (rot, ls, raw)]
+    out = gaussian_assembly(verts, faces, bary, *leaves, offset_scale=0.4, parity=parity)
+    loss = sum((o * c).sum() for o, c in zip(out, cot))
+    for a, b in zip(torch.autograd.grad(loss, leaves), grads[1][1:]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 
 
 def test_opcheck():
@@ -153,6 +159,44 @@ def test_animator_fused_assembly_matches_torch_path(tmp_path):
         g1, g2 = fused.assemble(verts, raw), torch_path.assemble(verts, raw)
         for k, tol in (("means", 1e-6), ("scales", 1e-6), ("quats", 1e-3)):  # quats: mm-sized triangles in fp32
             torch.testing.assert_close(g1[k], g2[k], atol=tol, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("parity", [False, True])
+def test_avatar_forward_fused_matches_torch_path_values_and_gradients(tmp_path, parity):
+    from flashavatar.model import FLAME, GaussianAvatar
+    from flashavatar.model.synthetic import write_head_model
+
+    path = write_head_model(tmp_path)
+    flame = FLAME(path)
+    torch.manual_seed(1)
+    a = GaussianAvatar(flame, path.parent / "head_template.obj", uv_size=24, parity=parity, offset_scale=0.01)
+    with torch.no_grad():
+        a.mlp_out.weight.normal_(0, 0.05)
+        a.mlp_out.bias.normal_(0, 0.3)
+        a.rotation.add_(0.3 * torch.randn_like(a.rotation))
+    codes = {"shape": torch.zeros(1, flame.n_shape), "expr": torch.randn(2, flame.n_expr),
+             "jaw": torch.tensor([[1.0, 0, 0, 0, 1, 0]]).repeat(2, 1), "eyes": torch.tensor([1.0, 0, 0, 0, 1, 0] * 2)
+             .repeat(2, 1), "eyelids": torch.rand(2, 2)}
+    g = torch.Generator().manual_seed(2)
+    results = []
+    for fused in (True, False):
+        a.fused_assembly = fused
+        a.zero_grad()
+        out = a(codes)
+        res = out["residual"]
+        tensors = (out["means"], out["quats"], out["scales"], res["means"], res["quats"])
+        g.manual_seed(2)
+        loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in tensors)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in a.named_parameters() if p.grad is not None}
+        results.append(([t.detach() for t in tensors], grads))
+    (fused_out, fused_grads), (ref_out, ref_grads) = results
+    for x, y in zip(fused_out, ref_out):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert set(fused_grads) == set(ref_grads) and {"rotation", "log_scale", "mlp_out.weight"} <= set(ref_grads)
+    for name in ref_grads:
+        scale = float(ref_grads[name].abs().max())
+        torch.testing.assert_close(fused_grads[name], ref_grads[name], atol=1e-5 * scale, rtol=1e-4, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ CUDA

@@ -63,6 +63,7 @@ def cameras(batch, size, device="cpu"):
 def test_fp32_fast_path_matches_the_model_forward(head, parity, restrict):
     a = trained_like(head, parity=parity)
     codes = random_codes(head[0], 3)
+    a.fused_assembly = False  # the reference: the model's own torch path
     with torch.no_grad():
         ref = a(codes)
     g = Animator(a, restrict_flame=restrict).gaussians(codes)
@@ -187,6 +188,7 @@ def test_fp32_fast_path_matches_the_model_forward_cuda(head):
     dev = torch.device("cuda")
     a = trained_like(head, uv_size=128).to(dev)
     codes = random_codes(head[0], 3, device=dev)
+    a.fused_assembly = False  # the reference: the model's own torch path
     with torch.no_grad():
         ref = a(codes)
     g = Animator(a).gaussians(codes)

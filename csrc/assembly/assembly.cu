@@ -73,7 +73,7 @@ __global__ void assembly_bwd_kernel(int64_t total, int64_t n_gauss, int64_t n_ve
                                     const scalar_t* __restrict__ verts, const index_t* __restrict__ faces,
                                     const scalar_t* __restrict__ bary, const scalar_t* __restrict__ rot,
                                     const scalar_t* __restrict__ log_scale, const scalar_t* __restrict__ raw,
-                                    scalar_t offset_scale, bool parity,
+                                    scalar_t offset_scale, bool parity, bool need_verts_grad,
                                     const scalar_t* __restrict__ g_means /* [B, N, 3] */,
                                     const scalar_t* __restrict__ g_quats /* [B, N, 4] */,
                                     const scalar_t* __restrict__ g_scales /* [B, N, 3] */,
@@ -93,6 +93,7 @@ __global__ void assembly_bwd_kernel(int64_t total, int64_t n_gauss, int64_t n_ve
   Vec3<scalar_t> g[3];
   assembly::backward(in, offset_scale, parity, g_means + 3 * i, g_quats + 4 * i, g_scales + 3 * i, g_local + 4 * i,
                      g[0], g[1], g[2], grad_rot + 4 * i, grad_ls + 3 * i, grad_raw + assembly::kRawDim * i);
+  if (!need_verts_grad) return;
   scalar_t* gv = grad_verts + b * n_verts * 3;
   for (int k = 0; k < 3; ++k) {  // a vertex is shared by many Gaussians
     atomicAdd(gv + 3 * f[k], g[k].x);
@@ -137,12 +138,13 @@ AssemblyOutputs gaussian_assembly_backward_cuda(const at::Tensor& grad_means_in,
                                                 const at::Tensor& verts_in, const at::Tensor& faces_in,
                                                 const at::Tensor& bary_in, const at::Tensor& rotation_in,
                                                 const at::Tensor& log_scale_in, const at::Tensor& raw_in,
-                                                double offset_scale, bool parity) {
+                                                double offset_scale, bool parity, bool need_verts_grad) {
   const char* op = "flashavatar::gaussian_assembly_backward";
   check_assembly_args(op, verts_in, faces_in, bary_in, rotation_in, log_scale_in, raw_in);
   check_assembly_grads(op, grad_means_in, grad_quats_in, grad_scales_in, grad_local_in, raw_in);
   const c10::cuda::CUDAGuard guard(verts_in.device());
-  at::globalContext().alertNotDeterministic("flashavatar::gaussian_assembly_backward (atomicAdd into grad_verts)");
+  if (need_verts_grad)
+    at::globalContext().alertNotDeterministic("flashavatar::gaussian_assembly_backward (atomicAdd into grad_verts)");
   const auto dtype = verts_in.scalar_type();
   const at::Tensor verts = verts_in.contiguous(), faces = faces_in.contiguous(), bary = bary_in.contiguous(),
                    rotation = rotation_in.contiguous(), log_scale = log_scale_in.contiguous(),
@@ -162,7 +164,8 @@ AssemblyOutputs gaussian_assembly_backward_cuda(const at::Tensor& grad_means_in,
         assembly_bwd_kernel<scalar_t, index_t><<<blocks_for(total), kThreads, 0, stream>>>(
             total, N, V, verts.data_ptr<scalar_t>(), faces.data_ptr<index_t>(), bary.data_ptr<scalar_t>(),
             rotation.data_ptr<scalar_t>(), log_scale.data_ptr<scalar_t>(), raw.data_ptr<scalar_t>(),
-            static_cast<scalar_t>(offset_scale), parity, g_means.data_ptr<scalar_t>(), g_quats.data_ptr<scalar_t>(),
+            static_cast<scalar_t>(offset_scale), parity, need_verts_grad, g_means.data_ptr<scalar_t>(),
+            g_quats.data_ptr<scalar_t>(),
             g_scales.data_ptr<scalar_t>(), g_local.data_ptr<scalar_t>(), grad_verts.data_ptr<scalar_t>(),
             grad_rot.data_ptr<scalar_t>(), grad_ls.data_ptr<scalar_t>(), grad_raw.data_ptr<scalar_t>());
         FA_CUDA_CHECK_LAUNCH();

@@ -16,7 +16,8 @@
 //
 // gaussian_assembly_backward: cotangents of the four outputs (same shapes) -> (grad_verts [B, V, 3],
 // grad_rotation [N, 4], grad_log_scale [N, 3], grad_raw [B, N, 10]). grad_verts is accumulated with atomics on
-// CUDA (not bitwise deterministic; reported through alertNotDeterministic).
+// CUDA (not bitwise deterministic; reported through alertNotDeterministic); with need_verts_grad = false it is
+// left at zero and no atomics run (the usual case: the posed mesh is a constant of training).
 #pragma once
 #include <torch/types.h>
 
@@ -77,7 +78,7 @@ AssemblyOutputs gaussian_assembly_backward_cpu(const at::Tensor& grad_means, con
                                                const at::Tensor& verts, const at::Tensor& faces,
                                                const at::Tensor& barycentrics, const at::Tensor& rotation,
                                                const at::Tensor& log_scale, const at::Tensor& raw,
-                                               double offset_scale, bool parity);
+                                               double offset_scale, bool parity, bool need_verts_grad);
 #ifdef WITH_CUDA
 AssemblyOutputs gaussian_assembly_cuda(const at::Tensor& verts, const at::Tensor& faces,
                                        const at::Tensor& barycentrics, const at::Tensor& rotation,
@@ -88,7 +89,7 @@ AssemblyOutputs gaussian_assembly_backward_cuda(const at::Tensor& grad_means, co
                                                 const at::Tensor& verts, const at::Tensor& faces,
                                                 const at::Tensor& barycentrics, const at::Tensor& rotation,
                                                 const at::Tensor& log_scale, const at::Tensor& raw,
-                                                double offset_scale, bool parity);
+                                                double offset_scale, bool parity, bool need_verts_grad);
 #endif
 
 }  // namespace flashavatar

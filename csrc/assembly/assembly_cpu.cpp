@@ -75,7 +75,7 @@ AssemblyOutputs gaussian_assembly_backward_cpu(const at::Tensor& grad_means_in, 
                                                const at::Tensor& verts_in, const at::Tensor& faces_in,
                                                const at::Tensor& bary_in, const at::Tensor& rotation_in,
                                                const at::Tensor& log_scale_in, const at::Tensor& raw_in,
-                                               double offset_scale, bool parity) {
+                                               double offset_scale, bool parity, bool need_verts_grad) {
   const char* op = "flashavatar::gaussian_assembly_backward";
   check_assembly_args(op, verts_in, faces_in, bary_in, rotation_in, log_scale_in, raw_in);
   check_assembly_grads(op, grad_means_in, grad_quats_in, grad_scales_in, grad_local_in, raw_in);
@@ -102,24 +102,38 @@ AssemblyOutputs gaussian_assembly_backward_cpu(const at::Tensor& grad_means_in, 
         scalar_t *gv = grad_verts.data_ptr<scalar_t>(), *gr = grad_rot.data_ptr<scalar_t>(),
                  *gls = grad_ls.data_ptr<scalar_t>(), *graw = grad_raw.data_ptr<scalar_t>();
         const scalar_t os = static_cast<scalar_t>(offset_scale);
-        // one frame per task: the vertex gradients of a frame are accumulated by one thread (no races)
+        // 1. every (frame, Gaussian) in parallel; corner gradients into a buffer [B, N, 3 corners, 3]
+        at::Tensor corner = need_verts_grad ? at::empty({B, N, 9}, verts.options()) : at::Tensor();
+        scalar_t* gc = need_verts_grad ? corner.data_ptr<scalar_t>() : nullptr;
+        at::parallel_for(0, B * N, 256, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t b = i / N, n = i - b * N;
+            assembly::Inputs<scalar_t> in;
+            Vec3<scalar_t> g[3] = {{0, 0, 0}, {0, 0, 0}, {0, 0, 0}};
+            if (gather_inputs(vp + b * V * 3, V, fp, bp, rp, lp, raw_p + assembly::kRawDim * i, n, in))
+              assembly::backward(in, os, parity, gm + 3 * i, gq + 4 * i, gs + 3 * i, gl + 4 * i, g[0], g[1], g[2],
+                                 gr + 4 * i, gls + 3 * i, graw + assembly::kRawDim * i);
+            if (gc != nullptr)
+              for (int k = 0; k < 3; ++k) {
+                gc[9 * i + 3 * k] = g[k].x;
+                gc[9 * i + 3 * k + 1] = g[k].y;
+                gc[9 * i + 3 * k + 2] = g[k].z;
+              }
+          }
+        });
+        if (gc == nullptr) return;
+        // 2. scatter into the vertices, one frame per task (no races, a fixed order: deterministic)
         at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
           for (int64_t b = begin; b < end; ++b) {
             scalar_t* gv_b = gv + b * V * 3;
             for (int64_t n = 0; n < N; ++n) {
-              const int64_t i = b * N + n;
-              assembly::Inputs<scalar_t> in;
-              if (!gather_inputs(vp + b * V * 3, V, fp, bp, rp, lp, raw_p + assembly::kRawDim * i, n, in)) continue;
-              Vec3<scalar_t> g0, g1, g2;
-              assembly::backward(in, os, parity, gm + 3 * i, gq + 4 * i, gs + 3 * i, gl + 4 * i, g0, g1, g2,
-                                 gr + 4 * i, gls + 3 * i, graw + assembly::kRawDim * i);
-              const int64_t f[3] = {static_cast<int64_t>(fp[3 * n]), static_cast<int64_t>(fp[3 * n + 1]),
-                                    static_cast<int64_t>(fp[3 * n + 2])};
-              const Vec3<scalar_t> g[3] = {g0, g1, g2};
+              const scalar_t* g = gc + 9 * (b * N + n);
               for (int k = 0; k < 3; ++k) {
-                gv_b[3 * f[k]] += g[k].x;
-                gv_b[3 * f[k] + 1] += g[k].y;
-                gv_b[3 * f[k] + 2] += g[k].z;
+                const int64_t f = static_cast<int64_t>(fp[3 * n + k]);
+                if (f < 0 || f >= V) break;  // its outputs were NaN: no gradient
+                gv_b[3 * f] += g[3 * k];
+                gv_b[3 * f + 1] += g[3 * k + 1];
+                gv_b[3 * f + 2] += g[3 * k + 2];
               }
             }
           }

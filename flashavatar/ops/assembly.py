@@ -27,7 +27,7 @@ if _ext.available():
 
     @torch.library.register_fake("flashavatar::gaussian_assembly_backward")
     def _assembly_backward_fake(grad_means, grad_quats, grad_scales, grad_local_quats, verts, faces, barycentrics,
-                                rotation, log_scale, raw, offset_scale, parity):
+                                rotation, log_scale, raw, offset_scale, parity, need_verts_grad):
         return (torch.empty_like(verts), torch.empty_like(rotation), torch.empty_like(log_scale),
                 torch.empty_like(raw))
 
@@ -45,9 +45,10 @@ if _ext.available():
 
         g_verts, g_rot, g_log_scale, g_raw = torch.ops.flashavatar.gaussian_assembly_backward(
             cotangent(grad_means, 3), cotangent(grad_quats, 4), cotangent(grad_scales, 3), cotangent(grad_local, 4),
-            verts, faces, barycentrics, rotation, log_scale, raw, ctx.offset_scale, ctx.parity)
+            verts, faces, barycentrics, rotation, log_scale, raw, ctx.offset_scale, ctx.parity,
+            ctx.needs_input_grad[0])
         # faces and barycentrics are the avatar's fixed slots: no gradient
-        return g_verts, None, None, g_rot, g_log_scale, g_raw, None, None
+        return (g_verts if ctx.needs_input_grad[0] else None), None, None, g_rot, g_log_scale, g_raw, None, None
 
     torch.library.register_autograd("flashavatar::gaussian_assembly", _assembly_backward,
                                     setup_context=_assembly_setup)
