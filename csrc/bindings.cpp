@@ -12,6 +12,7 @@
 // ---- end emd headers ----
 // ---- assembly headers ----
 #include "assembly/assembly.h"
+#include "flame/flame_lbs.h"
 // ---- end assembly headers ----
 
 TORCH_LIBRARY(flashavatar, m) {
@@ -50,6 +51,9 @@ TORCH_LIBRARY(flashavatar, m) {
         "Tensor grad_local_quats, Tensor verts, Tensor faces, Tensor barycentrics, Tensor rotation, "
         "Tensor log_scale, Tensor raw, float offset_scale, bool parity, bool need_verts_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Shapes: csrc/flame/flame_lbs.h. Output: posed vertices [B, U, 3].
+  m.def("flame_lbs(Tensor shape, Tensor expr, Tensor jaw, Tensor eyes, Tensor eyelids, Tensor dirs, Tensor base, "
+        "Tensor lbs_weights, Tensor eyelid_dirs, bool use_eyelids) -> Tensor");
   // ---- end assembly schemas ----
 }
 
@@ -67,6 +71,7 @@ TORCH_LIBRARY_IMPL(flashavatar, CPU, m) {
   // ---- assembly CPU ----
   m.impl("gaussian_assembly", &flashavatar::gaussian_assembly_cpu);
   m.impl("gaussian_assembly_backward", &flashavatar::gaussian_assembly_backward_cpu);
+  m.impl("flame_lbs", &flashavatar::flame_lbs_cpu);
   // ---- end assembly CPU ----
 }
 
@@ -85,6 +90,7 @@ TORCH_LIBRARY_IMPL(flashavatar, CUDA, m) {
   // ---- assembly CUDA ----
   m.impl("gaussian_assembly", &flashavatar::gaussian_assembly_cuda);
   m.impl("gaussian_assembly_backward", &flashavatar::gaussian_assembly_backward_cuda);
+  m.impl("flame_lbs", &flashavatar::flame_lbs_cuda);
   // ---- end assembly CUDA ----
 }
 #endif

@@ -222,6 +222,8 @@ class Animator:
             per batch size compiles.
         fused_assembly: the assembly as one kernel (``flashavatar.ops.gaussian_assembly``); default: where the
             compiled extension runs on the avatar's device, else the torch path.
+        fused_flame: FLAME in three launches (``flashavatar.ops.flame_lbs``); default: where the extension runs
+            and the kinematic chain is FLAME's flat one, else the torch path.
         mlp_rows: (frame, Gaussian) rows per MLP chunk (default :data:`_MLP_ROWS`: a chunk's activations stay in
             L2 between layers; larger = fewer launches, more HBM traffic).
 
@@ -236,7 +238,8 @@ class Animator:
     """
 
     def __init__(self, avatar, *, mlp_dtype: str | torch.dtype | None = "fp32", restrict_flame: bool = True,
-                 compile: bool | str = False, fused_assembly: bool | None = None, mlp_rows: int | None = None):
+                 compile: bool | str = False, fused_assembly: bool | None = None, fused_flame: bool | None = None,
+                 mlp_rows: int | None = None):
         self.avatar = avatar
         self.mlp_dtype = _as_dtype(mlp_dtype)
         self.restrict_flame = bool(restrict_flame)
@@ -251,6 +254,12 @@ class Animator:
             raise RuntimeError(f"Animator: fused_assembly=True but flashavatar._C cannot run gaussian_assembly on "
                                f"{self.device} (build the extension: `make build`)")
         self.fused_assembly = can_fuse if fused_assembly is None else bool(fused_assembly)
+        # FLAME in three launches (flashavatar.ops.flame_lbs) for the flat chain (FLAME's, the procedural head's)
+        can_fuse_flame = can_fuse and self.flat_chain and self.lbs_weights.shape[1] == 5
+        if fused_flame and not can_fuse_flame:
+            raise RuntimeError("Animator: fused_flame=True needs the compiled extension on this device and FLAME's "
+                               f"flat kinematic chain (parents {self.parents})")
+        self.fused_flame = can_fuse_flame if fused_flame is None else bool(fused_flame)
         # FLAME and the assembly are chains of small element-wise ops: torch.compile fuses them into a few kernels
         # (what matters at batch 1). ``compile`` = True (inductor) or a backend name; one graph per batch size.
         self.compiled = compile
@@ -359,6 +368,11 @@ class Animator:
         if tuple(c.jaw.shape) != (B, 6) or tuple(c.eyes.shape) != (B, 12) or tuple(c.eyelids.shape) != (B, 2):
             raise ValueError(f"Animator: jaw {tuple(c.jaw.shape)}, eyes {tuple(c.eyes.shape)}, eyelids "
                              f"{tuple(c.eyelids.shape)} must be [{B}, 6], [{B}, 12], [{B}, 2]")
+        if self.fused_flame and self.flat_chain:
+            from .ops import flame_lbs
+
+            return flame_lbs(shape, expr, c.jaw.to(f32), c.eyes.to(f32), c.eyelids.to(f32), self.flame_dirs,
+                             self.flame_base, self.lbs_weights, self.eyelid_dirs, self.has_eyelids)
         return self._vertices_fn(shape, expr, c.jaw.to(f32), c.eyes.to(f32), c.eyelids.to(f32))
 
     def _vertices_core(self, shape: Tensor, expr: Tensor, jaw: Tensor, eyes: Tensor, eyelids: Tensor) -> Tensor:
