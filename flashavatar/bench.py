@@ -10,8 +10,8 @@ For each avatar size (``--uv-size``, default 128 and 256 on a GPU) and batch siz
   gsplat reads the tile-intersection count back to the host, so it cannot be captured);
 
 plus a per-stage breakdown (FLAME, MLP, assembly, rasterisation; each stage timed on its own, eager and as a
-replayed graph; ``assembly`` is the fused op where the extension has it, ``assembly_torch`` the torch path timed
-beside it) and peak GPU memory. ``--sweep-mlp-rows`` adds a table of the MLP chunk size (rows per chunk) against
+replayed graph; ``flame`` and ``assembly`` are the fused ops where the extension has them, ``flame_torch`` and
+``assembly_torch`` the torch paths timed beside them) and peak GPU memory. ``--sweep-mlp-rows`` adds a table of the MLP chunk size (rows per chunk) against
 the MLP stage time and the whole step's FPS. Prints tables and writes JSON with the device name. On a CPU it runs a
 small configuration whose figures are labelled CPU (a smoke test of the path, not the GPU target).
 
@@ -35,7 +35,7 @@ import torch
 
 from .io_utils import atomic_write_text
 
-STAGES = ("flame", "mlp", "assembly", "assembly_torch", "raster", "raster_gsplat")
+STAGES = ("flame", "flame_torch", "mlp", "assembly", "assembly_torch", "raster", "raster_gsplat")
 
 
 def _sync(device: torch.device) -> None:
@@ -199,6 +199,15 @@ def mlp_flops_per_frame(avatar) -> float:
     return 2.0 * n * per
 
 
+def _torch_flame(animator, codes):
+    """The Animator's torch FLAME (the fused flame_lbs op switched off for this call), for comparison."""
+    fused, animator.fused_flame = animator.fused_flame, False
+    try:
+        return animator.vertices(codes)
+    finally:
+        animator.fused_flame = fused
+
+
 @torch.no_grad()
 def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height: int, batch_sizes: list[int],
                  device: torch.device, *, dtypes: list[str], warmup: int, repeats: int, graphs: bool,
@@ -275,7 +284,8 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
             verts = an.vertices(codes)
             raw = an.mlp(cond)
             g = an.assemble(verts, raw)
-            stage_fns = {"flame": lambda: an.vertices(codes), "mlp": lambda: an.mlp(cond),
+            stage_fns = {"flame": lambda: an.vertices(codes), "flame_torch": lambda: _torch_flame(an, codes),
+                         "mlp": lambda: an.mlp(cond),
                          "assembly": lambda: an.assemble(verts, raw),
                          # the torch path of the assembly, for comparison when the fused op is in use
                          "assembly_torch": lambda: an._assemble_fn(verts, raw),
@@ -563,7 +573,8 @@ def _default_mlp_rows() -> int:
     return _MLP_ROWS
 
 
-def _fused_assembly(device: torch.device) -> bool:
+def _fused_ops(device: torch.device) -> bool:
+    """Whether the Animator runs FLAME and the assembly through the compiled ops here."""
     from .animate import _fused_assembly_available
 
     return _fused_assembly_available(device)
@@ -629,7 +640,7 @@ def run(args: argparse.Namespace) -> int:
         result = {"device": label, "device_type": device.type, "resolution": res, "source": avatars[0][3],
                   "rows": _headline(configs, batches), "torch": torch.__version__, "gsplat": gsplat_note,
                   "repeats": repeats, "warmup": warmup, "seconds": time.perf_counter() - t0, "configs": configs,
-                  "mlp_rows": mlp_rows or _default_mlp_rows(), "fused_assembly": _fused_assembly(device)}
+                  "mlp_rows": mlp_rows or _default_mlp_rows(), "fused_ops": _fused_ops(device)}
         atomic_write_text(out, json.dumps(result, indent=1))  # after every avatar: a cut-off run keeps its rows
     if keep_first is not None and (deadline is None or time.perf_counter() < deadline - 60):
         reduced = [dt for dt in dtypes if dt != "fp32"] or dtypes
