@@ -84,3 +84,8 @@ def test_cuda_matches_cpu(animator):
         cpu = flame_lbs(*op_args(animator, c, dtype), use_eyelids=True)
         gpu = flame_lbs(*op_args(animator, c, dtype, "cuda"), use_eyelids=True)
         torch.testing.assert_close(gpu.cpu(), cpu, atol=tol, rtol=tol)
+
+
+def test_opcheck(animator):
+    args = op_args(animator, random_codes(animator, 2, seed=5))
+    torch.library.opcheck(torch.ops.flashavatar.flame_lbs, (*args, True))
