@@ -12,7 +12,12 @@ but does every frame-independent piece once, when it is built:
 * the normalised base rotations, opacities ``sigmoid(logit)``, SH coefficients ``[N, K, 3]``.
 
 The MLP can run in bfloat16 or float16 (``mlp_dtype``); FLAME, the assembly and the rasteriser stay float32.
-Hidden layers use cuBLASLt's fused bias + ReLU epilogue (``torch._addmm_activation``) on CUDA.
+Hidden layers use cuBLASLt's fused bias + ReLU epilogue (``torch._addmm_activation``) on CUDA, over (frame,
+Gaussian) rows in chunks of ``mlp_rows`` (small enough for a chunk's activations to stay in L2 between layers).
+
+Where the compiled extension runs on the device, FLAME is three launches (``flashavatar.ops.flame_lbs``) and the
+assembly one kernel (``flashavatar.ops.gaussian_assembly``); the torch versions in this module
+(``_vertices_core``, ``_assemble_core``) are the fallback and the tests' oracle.
 
 :class:`GraphedRenderer` captures the whole animate + rasterise step for a fixed batch size into a CUDA graph
 with static input buffers; calling it with new FLAME codes copies them in and replays the graph. The
