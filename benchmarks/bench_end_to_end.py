@@ -24,9 +24,15 @@ from flashavatar import bench  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results", help="folder (or .json file) for the results")
-    args, rest = parser.parse_known_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], conflict_handler="resolve",
+                                     epilog="Example (H100, the MLP chunk sweep only): python "
+                                            "benchmarks/bench_end_to_end.py --sweep-mlp-rows 16384 32768 65536 "
+                                            "131072 2000000 --sweep-only --dtypes bf16")
+    bench.add_arguments(parser)  # every `flashavatar bench` option, documented in --help
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="folder (or .json file) for the results (default benchmarks/results; the file is "
+                             "end_to_end_<device>.json)")
+    args = parser.parse_args(argv)
     out = Path(args.out)
     if out.suffix != ".json":
         if torch.cuda.is_available():
@@ -34,10 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             name = "cpu"
         out = out / f"end_to_end_{name}.json"
-    sub = argparse.ArgumentParser()
-    bench.add_arguments(sub)
-    ns = sub.parse_args(["--out", str(out)] + rest)
-    return bench.run(ns)
+    args.out = str(out)
+    return bench.run(args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ if [ -z "${NO_GSPLAT:-}" ]; then
 fi
 MAX_JOBS=8 python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 ))s"
-python3 -m pytest tests/test_fast_path.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_fast_path.log" | tail -6
+python3 -m pytest tests/test_fast_path.py tests/test_assembly.py tests/test_flame_lbs.py -q -p no:cacheprovider 2>&1 \
+  | tee "$OUT/pytest_fast_path.log" | tail -6
 GS="--no-gsplat"
 if [ -z "${NO_GSPLAT:-}" ]; then
   # wait for gsplat at most until GSPLAT_DEADLINE seconds after the start

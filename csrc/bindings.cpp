@@ -12,6 +12,10 @@
 // ---- emd headers ----
 #include "emd/emd.h"
 // ---- end emd headers ----
+// ---- assembly headers ----
+#include "assembly/assembly.h"
+#include "flame/flame_lbs.h"
+// ---- end assembly headers ----
 
 TORCH_LIBRARY(flashavatar, m) {
   // ---- rasterizer schemas ----
@@ -42,6 +46,18 @@ TORCH_LIBRARY(flashavatar, m) {
         "-> (Tensor cost, Tensor plan_index, Tensor plan_weight, Tensor f, Tensor g, Tensor status, Tensor gap, "
         "Tensor iterations)");
   // ---- end emd schemas ----
+  // ---- assembly schemas ----
+  // Shapes: csrc/assembly/assembly.h. Outputs: means, quats, scales, local_quats.
+  m.def("gaussian_assembly(Tensor verts, Tensor faces, Tensor barycentrics, Tensor rotation, Tensor log_scale, "
+        "Tensor raw, float offset_scale, bool parity) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gaussian_assembly_backward(Tensor grad_means, Tensor grad_quats, Tensor grad_scales, "
+        "Tensor grad_local_quats, Tensor verts, Tensor faces, Tensor barycentrics, Tensor rotation, "
+        "Tensor log_scale, Tensor raw, float offset_scale, bool parity, bool need_verts_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Shapes: csrc/flame/flame_lbs.h. Output: posed vertices [B, U, 3].
+  m.def("flame_lbs(Tensor shape, Tensor expr, Tensor jaw, Tensor eyes, Tensor eyelids, Tensor dirs, Tensor base, "
+        "Tensor lbs_weights, Tensor eyelid_dirs, bool use_eyelids) -> Tensor");
+  // ---- end assembly schemas ----
 }
 
 TORCH_LIBRARY_IMPL(flashavatar, CPU, m) {
@@ -55,6 +71,11 @@ TORCH_LIBRARY_IMPL(flashavatar, CPU, m) {
   m.impl("gaussian_w2_sq_backward", &flashavatar::gaussian_w2_sq_backward_cpu);
   m.impl("emd_forward", &flashavatar::emd_forward_cpu);
   // ---- end emd CPU ----
+  // ---- assembly CPU ----
+  m.impl("gaussian_assembly", &flashavatar::gaussian_assembly_cpu);
+  m.impl("gaussian_assembly_backward", &flashavatar::gaussian_assembly_backward_cpu);
+  m.impl("flame_lbs", &flashavatar::flame_lbs_cpu);
+  // ---- end assembly CPU ----
 }
 
 #ifdef WITH_CUDA
@@ -69,6 +90,11 @@ TORCH_LIBRARY_IMPL(flashavatar, CUDA, m) {
   m.impl("gaussian_w2_sq_backward", &flashavatar::gaussian_w2_sq_backward_cuda);
   m.impl("emd_forward", &flashavatar::emd_forward_cuda);
   // ---- end emd CUDA ----
+  // ---- assembly CUDA ----
+  m.impl("gaussian_assembly", &flashavatar::gaussian_assembly_cuda);
+  m.impl("gaussian_assembly_backward", &flashavatar::gaussian_assembly_backward_cuda);
+  m.impl("flame_lbs", &flashavatar::flame_lbs_cuda);
+  // ---- end assembly CUDA ----
 }
 #endif
 

@@ -12,7 +12,12 @@ but does every frame-independent piece once, when it is built:
 * the normalised base rotations, opacities ``sigmoid(logit)``, SH coefficients ``[N, K, 3]``.
 
 The MLP can run in bfloat16 or float16 (``mlp_dtype``); FLAME, the assembly and the rasteriser stay float32.
-Hidden layers use cuBLASLt's fused bias + ReLU epilogue (``torch._addmm_activation``) on CUDA.
+Hidden layers use cuBLASLt's fused bias + ReLU epilogue (``torch._addmm_activation``) on CUDA, over (frame,
+Gaussian) rows in chunks of ``mlp_rows`` (small enough for a chunk's activations to stay in L2 between layers).
+
+Where the compiled extension runs on the device, FLAME is three launches (``flashavatar.ops.flame_lbs``) and the
+assembly one kernel (``flashavatar.ops.gaussian_assembly``); the torch versions in this module
+(``_vertices_core``, ``_assemble_core``) are the fallback and the tests' oracle.
 
 :class:`GraphedRenderer` captures the whole animate + rasterise step for a fixed batch size into a CUDA graph
 with static input buffers; calling it with new FLAME codes copies them in and replays the graph. The
@@ -69,7 +74,27 @@ class _Detached:
         return (_Detached(m) if isinstance(m, torch.nn.Module) else m for m in self._module)
 
 
-_MLP_ROWS = 2_000_000  # rows (Gaussians x frames) per MLP chunk
+# (frame, Gaussian) rows per MLP chunk. At 32k rows a bf16 activation is 16 MB, so a layer's input and output
+# (32 MB) stay in the H100's 50 MB L2 between layers; whole frames per chunk when a frame has fewer rows
+# (uv 128: 2 frames), an even split of each frame when it has more (uv 256: 2 chunks of ~28.8k). Never above
+# ~2M rows: cuBLASLt's fused bias + ReLU epilogue takes at most that many per GEMM.
+_MLP_ROWS = 32_768
+_MLP_ROWS_MAX = 2_000_000
+
+
+def mlp_chunks(batch: int, n: int, rows: int) -> list[tuple[slice, slice]]:
+    """``(frames, gaussians)`` slices covering ``[batch, n]`` with at most ``rows`` rows each (capped at
+    :data:`_MLP_ROWS_MAX`): whole frames (``rows // n`` of them) when a frame fits, else each frame split into equal
+    Gaussian ranges."""
+    rows = max(1, min(int(rows), _MLP_ROWS_MAX))
+    if n == 0 or batch == 0:
+        return [(slice(0, batch), slice(0, n))]
+    if rows >= n:
+        per = rows // n
+        return [(slice(b, min(b + per, batch)), slice(0, n)) for b in range(0, batch, per)]
+    parts = -(-n // rows)
+    step = -(-n // parts)
+    return [(slice(b, b + 1), slice(g, min(g + step, n))) for b in range(batch) for g in range(0, n, step)]
 
 
 def _has_mm_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
@@ -166,6 +191,15 @@ def matrix_to_quat_fast(R: Tensor, *, transposed: bool = False, tables: tuple[Te
 
 
 
+def _fused_assembly_available(device: torch.device) -> bool:
+    """Whether the compiled ``gaussian_assembly`` op runs on ``device`` (meta: through its fake kernel)."""
+    from .ops import _ext
+
+    if not _ext.available():
+        return False
+    return device.type in ("cpu", "meta") or (device.type == "cuda" and _ext.cuda_compiled())
+
+
 def _has_fused_addmm_relu(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch._addmm_activation`` (GEMM with a bias + ReLU epilogue) works and is right here."""
     fn = getattr(torch, "_addmm_activation", None)
@@ -191,6 +225,12 @@ class Animator:
         restrict_flame: skin only the vertices the Gaussians' triangles use (same result, less work).
         compile: ``torch.compile`` FLAME and the assembly (True = inductor, or a backend name); the first call
             per batch size compiles.
+        fused_assembly: the assembly as one kernel (``flashavatar.ops.gaussian_assembly``); default: where the
+            compiled extension runs on the avatar's device, else the torch path.
+        fused_flame: FLAME in three launches (``flashavatar.ops.flame_lbs``); default: where the extension runs
+            and the kinematic chain is FLAME's flat one, else the torch path.
+        mlp_rows: (frame, Gaussian) rows per MLP chunk (default :data:`_MLP_ROWS`: a chunk's activations stay in
+            L2 between layers; larger = fewer launches, more HBM traffic).
 
     Per-frame methods (``B`` frames, ``N`` Gaussians, ``U`` used vertices, ``K`` SH coefficients)::
 
@@ -203,11 +243,28 @@ class Animator:
     """
 
     def __init__(self, avatar, *, mlp_dtype: str | torch.dtype | None = "fp32", restrict_flame: bool = True,
-                 compile: bool | str = False):
+                 compile: bool | str = False, fused_assembly: bool | None = None, fused_flame: bool | None = None,
+                 mlp_rows: int | None = None):
         self.avatar = avatar
         self.mlp_dtype = _as_dtype(mlp_dtype)
         self.restrict_flame = bool(restrict_flame)
+        self.mlp_rows = _MLP_ROWS if mlp_rows is None else int(mlp_rows)
+        if self.mlp_rows < 1:
+            raise ValueError(f"Animator: mlp_rows must be >= 1, got {mlp_rows}")
         self.refresh()
+        # the assembly as one kernel (flashavatar.ops.gaussian_assembly) where the extension can run it here;
+        # the torch path (_assemble_core) is the fallback and the tests' oracle
+        can_fuse = _fused_assembly_available(self.device)
+        if fused_assembly and not can_fuse:
+            raise RuntimeError(f"Animator: fused_assembly=True but flashavatar._C cannot run gaussian_assembly on "
+                               f"{self.device} (build the extension: `make build`)")
+        self.fused_assembly = can_fuse if fused_assembly is None else bool(fused_assembly)
+        # FLAME in three launches (flashavatar.ops.flame_lbs) for the flat chain (FLAME's, the procedural head's)
+        can_fuse_flame = can_fuse and self.flat_chain and self.lbs_weights.shape[1] == 5
+        if fused_flame and not can_fuse_flame:
+            raise RuntimeError("Animator: fused_flame=True needs the compiled extension on this device and FLAME's "
+                               f"flat kinematic chain (parents {self.parents})")
+        self.fused_flame = can_fuse_flame if fused_flame is None else bool(fused_flame)
         # FLAME and the assembly are chains of small element-wise ops: torch.compile fuses them into a few kernels
         # (what matters at batch 1). ``compile`` = True (inductor) or a backend name; one graph per batch size.
         self.compiled = compile
@@ -259,6 +316,7 @@ class Animator:
         self.hamilton = _HAMILTON.to(self.device)  # constant tables on the device
         self.quat_tables = tuple(t.to(self.device) for t in _QUAT_TABLES[True])
         self.log_scale = a.log_scale.to(f32)  # [N, 3]
+        self.rotation = rot.contiguous()  # [N, 4] as the avatar has it (the fused op normalises)
         self.opacities = torch.sigmoid(a.opacity_logit.to(f32))  # [N]
         self.sh = torch.cat((a.features_dc, a.features_rest), dim=1).to(f32).contiguous()  # [N, K, 3]
 
@@ -268,6 +326,7 @@ class Animator:
         used = torch.unique(faces) if self.restrict_flame else torch.arange(V, device=faces.device)  # [U] sorted
         self.used_vertices = used
         self.local_faces = torch.searchsorted(used, faces)  # [N, 3] indices into the used vertices
+        self.local_faces_i32 = self.local_faces.to(torch.int32).contiguous()  # [N, 3] for the fused op
         U = used.numel()
         nb = flame.n_shape + flame.n_expr
         M = lambda name: getattr(flame, name).to(f32)  # noqa: E731 (float32 model arrays)
@@ -314,6 +373,11 @@ class Animator:
         if tuple(c.jaw.shape) != (B, 6) or tuple(c.eyes.shape) != (B, 12) or tuple(c.eyelids.shape) != (B, 2):
             raise ValueError(f"Animator: jaw {tuple(c.jaw.shape)}, eyes {tuple(c.eyes.shape)}, eyelids "
                              f"{tuple(c.eyelids.shape)} must be [{B}, 6], [{B}, 12], [{B}, 2]")
+        if self.fused_flame and self.flat_chain:
+            from .ops import flame_lbs
+
+            return flame_lbs(shape, expr, c.jaw.to(f32), c.eyes.to(f32), c.eyelids.to(f32), self.flame_dirs,
+                             self.flame_base, self.lbs_weights, self.eyelid_dirs, self.has_eyelids)
         return self._vertices_fn(shape, expr, c.jaw.to(f32), c.eyes.to(f32), c.eyelids.to(f32))
 
     def _vertices_core(self, shape: Tensor, expr: Tensor, jaw: Tensor, eyes: Tensor, eyelids: Tensor) -> Tensor:
@@ -350,27 +414,28 @@ class Animator:
             raise ValueError(f"Animator.mlp: cond has shape {tuple(cond.shape)}, expected [B, {self.cond_dim}]")
         B, N = cond.shape[0], self.n_gaussians
         c = (cond.to(torch.float32) @ self.w_cond_t).to(self.mlp_dtype)  # [B, H]
-        # frames in chunks of <= _MLP_ROWS rows: cuBLASLt's fused epilogue takes at most ~2M rows per GEMM, and
-        # the activations of a chunk are all that is alive at once
-        per = max(1, _MLP_ROWS // max(1, N))
-        outs = [self._mlp_chunk(c[i:i + per]) for i in range(0, B, per)]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return torch.tanh(out).view(B, N, 10)
+        out = torch.empty(B, N, 10, dtype=torch.float32, device=c.device)
+        # (frame, Gaussian) rows in chunks of about mlp_rows: a chunk's activations (mlp_rows x 256 x 2 B in bf16,
+        # in and out of each layer) stay in L2 between the layers instead of making a round trip through HBM
+        for frames, gauss in mlp_chunks(B, N, self.mlp_rows):
+            self._mlp_chunk(c[frames], gauss, out[frames, gauss].view(-1, 10))
+        return torch.tanh_(out)
 
-    def _mlp_chunk(self, c: Tensor) -> Tensor:
-        """Pre-tanh outputs ``[b*N, 10]`` (float32) for the per-frame first-layer parts ``c [b, H]``."""
-        h = torch.relu_(self.h_pe[None] + c[:, None]).view(c.shape[0] * self.n_gaussians, -1)  # [b*N, H]
+    def _mlp_chunk(self, c: Tensor, gauss: slice, out: Tensor) -> None:
+        """Pre-tanh outputs of frames ``c [b, H]`` (their per-frame first-layer parts) and Gaussians ``gauss``,
+        written into ``out [b * n, 10]`` (float32, contiguous)."""
+        h = torch.relu_(self.h_pe[None, gauss] + c[:, None]).view(out.shape[0], -1)  # [b*n, H]
         for w_t, b in self.hidden:
             if self._fused_relu:  # cuBLASLt bias + ReLU epilogue: one pass over the activations instead of two
                 h = torch._addmm_activation(b, h, w_t)
             else:
                 h = torch.relu_(torch.addmm(b, h, w_t))
         if h.dtype == torch.float32:
-            return torch.addmm(self.b_out, h, self.w_out_t32)  # [b*N, 10]
-        if self._mm_out_dtype:
-            return torch.mm(h, self.w_out_t, out_dtype=torch.float32).add_(self.b_out)
-        # products of the rounded activations, accumulated and returned in float32
-        return torch.addmm(self.b_out, h.to(torch.float32), self.w_out_t.to(torch.float32))
+            torch.addmm(self.b_out, h, self.w_out_t32, out=out)
+        elif self._mm_out_dtype:
+            torch.add(torch.mm(h, self.w_out_t, out_dtype=torch.float32), self.b_out, out=out)
+        else:  # products of the rounded activations, accumulated and returned in float32
+            torch.addmm(self.b_out, h.to(torch.float32), self.w_out_t.to(torch.float32), out=out)
 
     def assemble(self, verts: Tensor, raw: Tensor, sh_degree: int | None = None) -> dict[str, Any]:
         """Gaussians from the posed used vertices ``[B, U, 3]`` and the MLP outputs ``[B, N, 10]``."""
@@ -378,7 +443,14 @@ class Animator:
         if tuple(raw.shape) != (B, N, 10) or tuple(verts.shape) != (B, self.n_used, 3):
             raise ValueError(f"Animator.assemble: verts {tuple(verts.shape)} / raw {tuple(raw.shape)}, expected "
                              f"[{B}, {self.n_used}, 3] / [{B}, {N}, 10]")
-        means, quats, scales = self._assemble_fn(verts, raw)
+        if self.fused_assembly:
+            from .ops import gaussian_assembly
+
+            means, quats, scales, _ = gaussian_assembly(verts, self.local_faces_i32, self.barycentrics, self.rotation,
+                                                        self.log_scale, raw, offset_scale=self.offset_scale,
+                                                        parity=self.parity)
+        else:
+            means, quats, scales = self._assemble_fn(verts, raw)
         d = self.avatar.active_sh_degree if sh_degree is None else int(sh_degree)
         k = (d + 1) ** 2
         return {"means": means, "quats": quats, "scales": scales,

@@ -10,7 +10,9 @@ For each avatar size (``--uv-size``, default 128 and 256 on a GPU) and batch siz
   gsplat reads the tile-intersection count back to the host, so it cannot be captured);
 
 plus a per-stage breakdown (FLAME, MLP, assembly, rasterisation; each stage timed on its own, eager and as a
-replayed graph) and peak GPU memory. Prints tables and writes JSON with the device name. On a CPU it runs a
+replayed graph; ``flame`` and ``assembly`` are the fused ops where the extension has them, ``flame_torch`` and
+``assembly_torch`` the torch paths timed beside them) and peak GPU memory. ``--sweep-mlp-rows`` adds a table of the MLP chunk size (rows per chunk) against
+the MLP stage time and the whole step's FPS. Prints tables and writes JSON with the device name. On a CPU it runs a
 small configuration whose figures are labelled CPU (a smoke test of the path, not the GPU target).
 
 The avatar is a trained run (``--run``) or, by default, an untrained one on the procedural head (written to
@@ -33,7 +35,7 @@ import torch
 
 from .io_utils import atomic_write_text
 
-STAGES = ("flame", "mlp", "assembly", "raster", "raster_gsplat")
+STAGES = ("flame", "flame_torch", "mlp", "assembly", "assembly_torch", "raster", "raster_gsplat")
 
 
 def _sync(device: torch.device) -> None:
@@ -197,11 +199,20 @@ def mlp_flops_per_frame(avatar) -> float:
     return 2.0 * n * per
 
 
+def _torch_flame(animator, codes):
+    """The Animator's torch FLAME (the fused flame_lbs op switched off for this call), for comparison."""
+    fused, animator.fused_flame = animator.fused_flame, False
+    try:
+        return animator.vertices(codes)
+    finally:
+        animator.fused_flame = fused
+
+
 @torch.no_grad()
 def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height: int, batch_sizes: list[int],
                  device: torch.device, *, dtypes: list[str], warmup: int, repeats: int, graphs: bool,
                  gsplat_fn: Callable | None, log: Callable[[str], None] = print,
-                 deadline: float | None = None) -> tuple[list[dict], list[dict]]:
+                 deadline: float | None = None, mlp_rows: int | None = None) -> tuple[list[dict], list[dict]]:
     """Rows (one per pipeline variant and batch) and stage rows (one per dtype, batch and mode). Past
     ``deadline`` (``time.perf_counter()`` value) the remaining measurements are skipped and marked so."""
     skipped = "skipped: time budget (--max-seconds) used up"
@@ -216,7 +227,7 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
     d = avatar.active_sh_degree
     k = (d + 1) ** 2
     view, K = front_camera(width, height)
-    animators = {dt: Animator(avatar, mlp_dtype=dt) for dt in dtypes}
+    animators = {dt: Animator(avatar, mlp_dtype=dt, mlp_rows=mlp_rows) for dt in dtypes}
     rows, stage_rows = [], []
     cuda = device.type == "cuda"
 
@@ -273,8 +284,11 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
             verts = an.vertices(codes)
             raw = an.mlp(cond)
             g = an.assemble(verts, raw)
-            stage_fns = {"flame": lambda: an.vertices(codes), "mlp": lambda: an.mlp(cond),
+            stage_fns = {"flame": lambda: an.vertices(codes), "flame_torch": lambda: _torch_flame(an, codes),
+                         "mlp": lambda: an.mlp(cond),
                          "assembly": lambda: an.assemble(verts, raw),
+                         # the torch path of the assembly, for comparison when the fused op is in use
+                         "assembly_torch": lambda: an._assemble_fn(verts, raw),
                          "raster": lambda: rasterize_with(None, g, views, ks, width, height, bg)}
             if gsplat_fn is not None:
                 stage_fns["raster_gsplat"] = lambda: rasterize_with(gsplat_fn, g, views, ks, width, height, bg)
@@ -307,6 +321,56 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
                         lambda: GraphedRenderer(an, b, width, height, viewmats=views, Ks=ks, backgrounds=bg,
                                                 codes=codes, warmup=warmup).replay)
     return rows, stage_rows
+
+
+@torch.no_grad()
+def bench_mlp_rows(avatar, base_codes: dict[str, torch.Tensor], width: int, height: int, batch_sizes: list[int],
+                   device: torch.device, *, dtypes: list[str], rows_list: list[int], warmup: int, repeats: int,
+                   graphs: bool, log: Callable[[str], None] = print, deadline: float | None = None) -> list[dict]:
+    """MLP chunk size sweep: per batch size, MLP dtype and ``mlp_rows``, the MLP stage alone and the whole
+    animate + render step (both replayed from a CUDA graph when ``graphs``, else eager)."""
+    from .animate import Animator, GraphedRenderer, mlp_chunks
+    from .model import FlameCodes
+
+    view, K = front_camera(width, height)
+    cuda = device.type == "cuda"
+    use_graph = graphs and cuda
+    out = []
+    for b in batch_sizes:
+        codes = frame_codes(base_codes, b, device, seed=b)
+        views = view.to(device).expand(b, 1, 4, 4).contiguous()
+        ks = K.to(device).expand(b, 1, 3, 3).contiguous()
+        bg = torch.tensor([0.0, 1.0, 0.0], device=device).expand(b, 1, 3).contiguous()
+        cond = FlameCodes.from_any(codes).condition()
+        for dt in dtypes:
+            an = Animator(avatar, mlp_dtype=dt)
+            for rows in rows_list:
+                row = {"batch": b, "mlp_dtype": dt, "mlp_rows": rows, "graph": use_graph,
+                       "chunks": len(mlp_chunks(b, avatar.n_gaussians, rows)), "mlp_ms": None, "ms_per_call": None}
+                if deadline is not None and time.perf_counter() > deadline:
+                    row["error"] = "skipped: time budget (--max-seconds) used up"
+                    out.append(row)
+                    continue
+                an.mlp_rows = rows
+                try:
+                    mlp = lambda: an.mlp(cond)  # noqa: E731
+                    row["mlp_ms"] = median_ms(capture(mlp, device) if use_graph else mlp, device, warmup, repeats)
+                    row["mlp_tflops"] = mlp_flops_per_frame(avatar) * b / (row["mlp_ms"] * 1e-3) / 1e12
+                    if use_graph:
+                        step = GraphedRenderer(an, b, width, height, viewmats=views, Ks=ks, backgrounds=bg,
+                                               codes=codes, warmup=warmup).replay
+                    else:
+                        step = lambda: an.render(codes, views, ks, width, height, backgrounds=bg)  # noqa: E731
+                    row["ms_per_call"] = median_ms(step, device, warmup, repeats)
+                    row["fps"] = b / (row["ms_per_call"] / 1e3)
+                    step = None
+                except Exception as exc:  # noqa: BLE001 - report, keep going
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                out.append(row)
+                log(f"  mlp_rows {rows:>8} batch {b:>3} {dt:<4} chunks {row['chunks']:>4}: "
+                    + (f"MLP {row['mlp_ms']:8.3f} ms  step {row['ms_per_call']:8.3f} ms  {row['fps']:>9.1f} FPS"
+                       if row.get("ms_per_call") else row.get("error", "")[:120]))
+    return out
 
 
 @torch.no_grad()
@@ -382,6 +446,17 @@ def format_table(result: dict[str, Any]) -> str:
             vals = " ".join(f"{s[n]:>13.3f}" if s.get(n) is not None else f"{'-':>13}" for n in STAGES)
             tf = f"{s['mlp_tflops']:>12.1f}" if s.get("mlp_tflops") else f"{'-':>12}"
             lines.append(f"{'':21} {s['batch']:>5} {s['mlp_dtype']:<5} {s['mode']:<5} {vals} {tf}")
+        if cfg.get("mlp_rows_sweep"):
+            lines.append(f"MLP chunk sweep ({'graph' if cfg['mlp_rows_sweep'][0]['graph'] else 'eager'}): "
+                         f"{'batch':>5} {'dtype':<5} {'mlp_rows':>9} {'chunks':>6} {'MLP ms':>9} {'TFLOP/s':>8} "
+                         f"{'step ms':>9} {'FPS':>10}")
+            for r in cfg["mlp_rows_sweep"]:
+                if r.get("ms_per_call") is None:
+                    lines.append(f"{'':38}{r['batch']:>5} {r['mlp_dtype']:<5} {r['mlp_rows']:>9} {r['chunks']:>6} "
+                                 + r.get("error", "")[:80])
+                    continue
+                lines.append(f"{'':38}{r['batch']:>5} {r['mlp_dtype']:<5} {r['mlp_rows']:>9} {r['chunks']:>6} "
+                             f"{r['mlp_ms']:>9.3f} {r['mlp_tflops']:>8.1f} {r['ms_per_call']:>9.3f} {r['fps']:>10.1f}")
     return "\n".join(lines)
 
 
@@ -436,6 +511,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="time budget of the measurements; later rows are skipped and marked (default 150 on a "
                              "GPU, none on a CPU)")
+    parser.add_argument("--mlp-rows", type=int, default=None, metavar="ROWS",
+                        help="(frame, Gaussian) rows per MLP chunk in the main rows (default "
+                             "flashavatar.animate._MLP_ROWS = 32768: a chunk's bf16 activations stay in L2)")
+    parser.add_argument("--sweep-mlp-rows", type=int, nargs="+", default=None, metavar="ROWS",
+                        help="also time the MLP stage and the whole step (graph-replayed on a GPU) for each of these "
+                             "chunk sizes, per avatar, batch size and reduced-precision dtype (fp32 when only fp32 "
+                             "is asked for), e.g. 16384 32768 65536 131072 2000000")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="with --sweep-mlp-rows: skip the main rows and the compile row (a quick sweep)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", metavar="FILE", default=None, help="JSON output (default benchmarks/results/"
                                                                     "end_to_end_<device>.json)")
@@ -483,6 +567,19 @@ def _load_avatars(args, device, gpu):
     return out
 
 
+def _default_mlp_rows() -> int:
+    from .animate import _MLP_ROWS
+
+    return _MLP_ROWS
+
+
+def _fused_ops(device: torch.device) -> bool:
+    """Whether the Animator runs FLAME and the assembly through the compiled ops here."""
+    from .animate import _fused_assembly_available
+
+    return _fused_assembly_available(device)
+
+
 def run(args: argparse.Namespace) -> int:
     from .session import resolve_device
 
@@ -496,6 +593,13 @@ def run(args: argparse.Namespace) -> int:
         dtypes = args.dtypes or ["fp32", "bf16"]
         if res < 8 or min(batches) < 1 or repeats < 1 or warmup < 0:
             raise ValueError("--resolution must be >= 8, --batch-sizes and --repeats >= 1, --warmup >= 0")
+        sweep = getattr(args, "sweep_mlp_rows", None) or []
+        mlp_rows = getattr(args, "mlp_rows", None)
+        if min(sweep + ([mlp_rows] if mlp_rows is not None else []), default=1) < 1:
+            raise ValueError("--mlp-rows and --sweep-mlp-rows must be >= 1")
+        sweep_only = bool(getattr(args, "sweep_only", False))
+        if sweep_only and not sweep:
+            raise ValueError("--sweep-only needs --sweep-mlp-rows")
         avatars = _load_avatars(args, device, gpu)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"flashavatar bench: error: {exc}")
@@ -513,19 +617,30 @@ def run(args: argparse.Namespace) -> int:
     keep_first = None
     for uv, avatar, codes, source in avatars:
         print(f"uv_size {uv}: {avatar.n_gaussians} Gaussians", flush=True)
-        rows, stages = bench_avatar(avatar, codes, res, res, batches, device, dtypes=dtypes, warmup=warmup,
-                                    repeats=repeats, graphs=gpu and not args.no_graphs, gsplat_fn=gsplat_fn,
-                                    log=lambda s: print(s, flush=True), deadline=deadline)
-        configs.append({"uv_size": uv, "gaussians": avatar.n_gaussians,
-                        "mlp_gflop_per_frame": mlp_flops_per_frame(avatar) / 1e9, "rows": rows, "stages": stages})
-        if gpu and not args.no_graphs and not args.no_compile and not configs[1:] and min(batches) == 1:
+        rows, stages = [], []
+        if not sweep_only:
+            rows, stages = bench_avatar(avatar, codes, res, res, batches, device, dtypes=dtypes, warmup=warmup,
+                                        repeats=repeats, graphs=gpu and not args.no_graphs, gsplat_fn=gsplat_fn,
+                                        log=lambda s: print(s, flush=True), deadline=deadline, mlp_rows=mlp_rows)
+        cfg = {"uv_size": uv, "gaussians": avatar.n_gaussians,
+               "mlp_gflop_per_frame": mlp_flops_per_frame(avatar) / 1e9, "rows": rows, "stages": stages}
+        configs.append(cfg)
+        if sweep:
+            sweep_dtypes = [dt for dt in dtypes if dt != "fp32"] or dtypes
+            cfg["mlp_rows_sweep"] = bench_mlp_rows(avatar, codes, res, res, batches, device, dtypes=sweep_dtypes,
+                                                   rows_list=sweep, warmup=warmup, repeats=repeats,
+                                                   graphs=gpu and not args.no_graphs,
+                                                   log=lambda s: print(s, flush=True), deadline=deadline)
+        if (gpu and not args.no_graphs and not args.no_compile and not sweep_only and not configs[1:]
+                and min(batches) == 1):
             # last in the run, when at least 60 s of the budget are left (compiling takes a while): the default
             # avatar at batch 1
             keep_first = (avatar, codes)
         del avatar
         result = {"device": label, "device_type": device.type, "resolution": res, "source": avatars[0][3],
                   "rows": _headline(configs, batches), "torch": torch.__version__, "gsplat": gsplat_note,
-                  "repeats": repeats, "warmup": warmup, "seconds": time.perf_counter() - t0, "configs": configs}
+                  "repeats": repeats, "warmup": warmup, "seconds": time.perf_counter() - t0, "configs": configs,
+                  "mlp_rows": mlp_rows or _default_mlp_rows(), "fused_ops": _fused_ops(device)}
         atomic_write_text(out, json.dumps(result, indent=1))  # after every avatar: a cut-off run keeps its rows
     if keep_first is not None and (deadline is None or time.perf_counter() < deadline - 60):
         reduced = [dt for dt in dtypes if dt != "fp32"] or dtypes

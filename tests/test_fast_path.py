@@ -63,6 +63,7 @@ def cameras(batch, size, device="cpu"):
 def test_fp32_fast_path_matches_the_model_forward(head, parity, restrict):
     a = trained_like(head, parity=parity)
     codes = random_codes(head[0], 3)
+    a.fused_assembly = False  # the reference: the model's own torch path
     with torch.no_grad():
         ref = a(codes)
     g = Animator(a, restrict_flame=restrict).gaussians(codes)
@@ -123,14 +124,28 @@ def test_compiled_stages_trace_without_graph_breaks_and_match(head):
         torch.testing.assert_close(g[k], ref[k], atol=1e-6, rtol=1e-5)
 
 
-def test_mlp_in_frame_chunks_equals_one_pass(head, monkeypatch):
-    import flashavatar.animate as animate
-
-    an = Animator(trained_like(head), mlp_dtype="bf16")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_mlp_in_chunks_equals_one_pass(head, dtype):
+    a = trained_like(head)
+    N = a.n_gaussians
     cond = FlameCodes.from_any(random_codes(head[0], 5)).condition()
-    whole = an.mlp(cond)
-    monkeypatch.setattr(animate, "_MLP_ROWS", 2 * an.n_gaussians)  # 2 frames per chunk: 2 + 2 + 1
-    torch.testing.assert_close(an.mlp(cond), whole, atol=0, rtol=0)
+    whole = Animator(a, mlp_dtype=dtype, mlp_rows=5 * N).mlp(cond)
+    # 2 frames per chunk (2 + 2 + 1), and 3 Gaussian ranges per frame
+    for rows in (2 * N, -(-N // 3)):
+        torch.testing.assert_close(Animator(a, mlp_dtype=dtype, mlp_rows=rows).mlp(cond), whole, atol=1e-6, rtol=0)
+
+
+def test_mlp_chunks_cover_every_row_once():
+    from flashavatar.animate import mlp_chunks
+
+    for batch, n, rows in ((5, 100, 250), (3, 100, 30), (2, 100, 100), (4, 7, 1), (1, 100, 10**9), (3, 10, 10)):
+        seen = torch.zeros(batch, n, dtype=torch.int64)
+        for frames, gauss in mlp_chunks(batch, n, rows):
+            seen[frames, gauss] += 1
+            assert (frames.stop - frames.start) * (gauss.stop - gauss.start) <= max(rows, 1)
+        assert bool((seen == 1).all()), (batch, n, rows)
+    assert len(mlp_chunks(64, 14485, 32768)) == 32  # uv 128: 2 frames per chunk
+    assert len(mlp_chunks(1, 57559, 32768)) == 2  # uv 256: each frame in two halves
 
 
 def test_bad_inputs_are_named(head):
@@ -173,6 +188,7 @@ def test_fp32_fast_path_matches_the_model_forward_cuda(head):
     dev = torch.device("cuda")
     a = trained_like(head, uv_size=128).to(dev)
     codes = random_codes(head[0], 3, device=dev)
+    a.fused_assembly = False  # the reference: the model's own torch path
     with torch.no_grad():
         ref = a(codes)
     g = Animator(a).gaussians(codes)

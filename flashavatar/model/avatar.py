@@ -179,6 +179,8 @@ class GaussianAvatar(nn.Module):
         super().__init__()
         self.flame = flame
         self.parity = bool(parity)
+        # forward assembles the Gaussians with the compiled op where it can (False: always the torch path)
+        self.fused_assembly = True
         self.max_sh_degree = int(sh_degree)
         self.active_sh_degree = 0
         self.offset_scale = float(offset_scale)
@@ -335,11 +337,24 @@ class GaussianAvatar(nn.Module):
         if cond.shape != (B, self.cond_dim):
             raise ValueError(f"GaussianAvatar: condition has shape {tuple(cond.shape)}, "
                              f"expected [{B}, {self.cond_dim}]")
-        tri = vertices[:, self.gaussian_faces]  # [B, N, 3 corners, 3]
-        surface = (tri * self.barycentrics[None, :, :, None]).sum(2)  # [B, N, 3]
-
         out = self.mlp(cond)  # [B, N, 10]
         offset = self.offset_scale * out[..., :3]
+        sh = torch.cat((self.features_dc, self.features_rest), dim=1)  # [N, 16, 3]
+        N = self.n_gaussians
+        if self._use_fused_assembly(vertices, out):
+            # one kernel (flashavatar.ops.gaussian_assembly, differentiable) for the same math as below
+            from ..ops import gaussian_assembly
+
+            means, quats, scales, q_local = gaussian_assembly(
+                vertices, self.gaussian_faces, self.barycentrics, self.rotation, self.log_scale, out,
+                offset_scale=self.offset_scale, parity=self.parity)
+            return {"means": means, "quats": quats, "scales": scales,
+                    "opacities": torch.sigmoid(self.opacity_logit).expand(B, N), "sh": sh.expand(B, *sh.shape),
+                    "sh_degree": self.active_sh_degree, "vertices": vertices,
+                    "residual": {"means": offset, "quats": q_local, "scales": scales}}
+
+        tri = vertices[:, self.gaussian_faces]  # [B, N, 3 corners, 3]
+        surface = (tri * self.barycentrics[None, :, :, None]).sum(2)  # [B, N, 3]
         q_delta = torch.cat((torch.exp(out[..., 3:4]), out[..., 4:7]), dim=-1)
         q_delta = q_delta / q_delta.norm(dim=-1, keepdim=True)
         delta_scale = out[..., 7:10]
@@ -352,8 +367,6 @@ class GaussianAvatar(nn.Module):
             quats = quat_multiply(self.face_frames(vertices, tri), q_local)
             log_s = self.log_scale + delta_scale
         scales = torch.exp(log_s)
-        sh = torch.cat((self.features_dc, self.features_rest), dim=1)  # [N, 16, 3]
-        N = self.n_gaussians
         return {
             "means": surface + offset,
             "quats": quats,
@@ -364,6 +377,21 @@ class GaussianAvatar(nn.Module):
             "vertices": vertices,
             "residual": {"means": offset, "quats": q_local, "scales": scales},
         }
+
+    def _use_fused_assembly(self, vertices: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether :meth:`forward` assembles through the compiled op: ``fused_assembly`` is on (the default; set
+        it to False for the torch path), the extension runs on this device and every input shares one float
+        dtype."""
+        if not getattr(self, "fused_assembly", True):
+            return False
+        from ..ops import _ext
+
+        dev = vertices.device
+        if not _ext.available() or (dev.type == "cuda" and not _ext.cuda_compiled()) or dev.type not in ("cpu", "cuda"):
+            return False
+        dtypes = {t.dtype for t in (vertices, out, self.barycentrics, self.rotation, self.log_scale)}
+        return len(dtypes) == 1 and vertices.dtype in (torch.float32, torch.float64) \
+            and not (torch.is_grad_enabled() and self.barycentrics.requires_grad)
 
     @staticmethod
     def residual_state(output: dict) -> dict:

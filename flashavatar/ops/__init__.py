@@ -7,3 +7,5 @@ pure-PyTorch versions that tests (and readers) trust.
 from ._ext import available, cuda_compiled  # noqa: F401
 from .rasterize import rasterize_gaussians  # noqa: F401,E402
 from .emd import EMDResult, emd, gaussian_w2, gaussian_w2_from_scales_quats  # noqa: F401
+from .assembly import gaussian_assembly  # noqa: F401,E402
+from .flame_lbs import flame_lbs  # noqa: F401,E402

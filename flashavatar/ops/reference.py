@@ -194,3 +194,27 @@ def emd_bruteforce_reference(x: torch.Tensor, y: torch.Tensor, p: int = 2) -> tu
     totals = cost[torch.arange(n), perms].sum(-1)  # [N!]
     best = int(totals.argmin())
     return totals[best] / n, perms[best]
+
+
+# ---- assembly reference ----
+def gaussian_assembly_reference(verts: torch.Tensor, faces: torch.Tensor, barycentrics: torch.Tensor,
+                                rotation: torch.Tensor, log_scale: torch.Tensor, raw: torch.Tensor,
+                                offset_scale: float = 1.0, parity: bool = False):
+    """``flashavatar.ops.gaussian_assembly`` in plain torch, written as ``GaussianAvatar.forward`` writes it:
+    ``verts [B, V, 3]``, ``faces [N, 3]``, ``barycentrics [N, 3]``, ``rotation [N, 4]``, ``log_scale [N, 3]``,
+    ``raw [B, N, 10]`` -> ``(means, quats, scales, local_quats)``."""
+    from ..model.camera import matrix_to_quat, quat_multiply  # lazy: keeps ops importable on its own
+
+    tri = verts[:, faces]  # [B, N, 3 corners, 3]
+    means = (tri * barycentrics[None, :, :, None]).sum(2) + offset_scale * raw[..., :3]
+    q_delta = torch.cat((torch.exp(raw[..., 3:4]), raw[..., 4:7]), dim=-1)
+    q_delta = q_delta / q_delta.norm(dim=-1, keepdim=True)
+    q_local = quat_multiply(rotation / rotation.norm(dim=-1, keepdim=True).clamp_min(1e-12), q_delta)
+    if parity:
+        return means, q_local, torch.exp(log_scale * torch.exp(raw[..., 7:10])), q_local
+    e1 = tri[:, :, 1] - tri[:, :, 0]
+    n = torch.cross(e1, tri[:, :, 2] - tri[:, :, 0], dim=-1)
+    e1 = e1 / e1.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    frame = matrix_to_quat(torch.stack((e1, torch.cross(n, e1, dim=-1), n), dim=-1))  # columns e1, n x e1, n
+    return means, quat_multiply(frame, q_local), torch.exp(log_scale + raw[..., 7:10]), q_local
