@@ -18,6 +18,7 @@ Ctrl-C saves one and exits cleanly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import time
@@ -73,6 +74,8 @@ class Trainer:
         if cfg.loss.w2_weight > 0 and len(self.session.train_frames.pair_next) == 0:
             log.warning("loss.w2_weight > 0 but the train split has no consecutive frames: no W2 term")
         self.session.check_finite = False  # no host read per step; a non-finite loss is caught at log steps
+        # benchmarks/bench_train_step.py sets this: profiler ranges around the stages of a step
+        self.profile_stages = False
         if resume and self.ckpt_path.is_file():
             self.load(self.ckpt_path)
 
@@ -129,6 +132,13 @@ class Trainer:
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
     # ------------------------------------------------------------------------------------------ steps
+    def _stage(self, name: str):
+        """A profiler range named ``train/<name>`` when stage profiling is on (a no-op otherwise: the range
+        costs a dispatcher call even with no profiler running)."""
+        if self.profile_stages:
+            return torch.profiler.record_function(f"train/{name}")
+        return contextlib.nullcontext()
+
     def active_sh_degree(self, iteration: int) -> int:
         return min(self.session.sh_degree, iteration // self.cfg.train.sh_increase_every)
 
@@ -154,31 +164,36 @@ class Trainer:
         factor = self._lr_factor(it)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
-        idx, pairs = self._sample()
-        batch = self.session.train_frames.batch(idx, self.device)
+        with self._stage("data"):
+            idx, pairs = self._sample()
+            batch = self.session.train_frames.batch(idx, self.device)
         self.avatar.active_sh_degree = self.active_sh_degree(it)
-        out = self.session.render(batch, sh_degree=self.active_sh_degree(it), want_residual=pairs > 0,
-                                  want_surface=cfg.loss.emd_weight > 0 and it >= cfg.loss.emd_from)
-        pred, gt = out["image"], batch["gt"]  # [B, H, W, 3]
-        terms: dict[str, torch.Tensor] = {}
-        lc = cfg.loss
-        terms["image"] = losses.huber(pred, gt, lc.huber_delta)
-        if lc.mouth_weight > 0:
-            terms["mouth"] = lc.mouth_weight * losses.huber(pred, gt, lc.huber_delta, mask=batch["mouth_mask"])
-        if self.perceptual is not None and it >= lc.perceptual_from:
-            head = batch["head_mask"][..., None]
-            terms["perceptual"] = lc.perceptual_weight * self.perceptual(pred * head, gt * head)
-        if pairs > 0 and it >= lc.w2_from:
-            res = out["residual"]
-            s0 = {k: v[:pairs] for k, v in res.items()}
-            s1 = {k: v[pairs:] for k, v in res.items()}
-            terms["w2"] = lc.w2_weight * losses.wasserstein_temporal(s0, s1, lc.w2_unit_scale)
-        if "surface" in out:
-            terms["emd"] = lc.emd_weight * self._emd_term(out["means"], out["surface"])
-        total = sum(terms.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        with self._stage("forward"):
+            out = self.session.render(batch, sh_degree=self.active_sh_degree(it), want_residual=pairs > 0,
+                                      want_surface=cfg.loss.emd_weight > 0 and it >= cfg.loss.emd_from)
+        with self._stage("losses"):
+            pred, gt = out["image"], batch["gt"]  # [B, H, W, 3]
+            terms: dict[str, torch.Tensor] = {}
+            lc = cfg.loss
+            terms["image"] = losses.huber(pred, gt, lc.huber_delta)
+            if lc.mouth_weight > 0:
+                terms["mouth"] = lc.mouth_weight * losses.huber(pred, gt, lc.huber_delta, mask=batch["mouth_mask"])
+            if self.perceptual is not None and it >= lc.perceptual_from:
+                head = batch["head_mask"][..., None]
+                terms["perceptual"] = lc.perceptual_weight * self.perceptual(pred * head, gt * head)
+            if pairs > 0 and it >= lc.w2_from:
+                res = out["residual"]
+                s0 = {k: v[:pairs] for k, v in res.items()}
+                s1 = {k: v[pairs:] for k, v in res.items()}
+                terms["w2"] = lc.w2_weight * losses.wasserstein_temporal(s0, s1, lc.w2_unit_scale)
+            if "surface" in out:
+                terms["emd"] = lc.emd_weight * self._emd_term(out["means"], out["surface"])
+            total = sum(terms.values())
+        with self._stage("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+        with self._stage("optimizer"):
+            self.optimizer.step()
         self.iteration += 1
         result = {k: v.detach() for k, v in terms.items()}
         result["total"] = total.detach()
