@@ -85,6 +85,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True  # when the tensorboard package is importable
     max_minutes: float = 0.0  # stop (as if finished) after this much training time; 0 = no limit
+    tf32: bool = True  # CUDA: TF32 tensor cores for the float32 matmuls of a training step (the MLP)
 
 
 @dataclass

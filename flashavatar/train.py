@@ -62,10 +62,20 @@ class Trainer:
         self.session = AvatarSession.build(cfg, self.device)
         self.avatar = self.session.avatar
         # fused Adam on CUDA: one kernel for all parameters instead of a handful per tensor
-        self.optimizer = torch.optim.Adam(self._param_groups(), eps=cfg.optim.eps,
-                                          **({"fused": True} if self.device.type == "cuda" else {}))
+        self._adam_flags = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.Adam(self._param_groups(), eps=cfg.optim.eps, **self._adam_flags)
+        self._adam_flags = {k: self.optimizer.param_groups[0][k] for k in ("fused", "foreach", "capturable")}
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.sampler = torch.Generator().manual_seed(cfg.train.seed + 1)  # frame sampling only
+        self._lr_base: torch.Tensor | None = None  # [G] on CUDA: every group's lr is a view of one tensor
+        self._lr_now: torch.Tensor | None = None
+        self._lr_factor_set: float | None = None
+        self._set_lrs(self._lr_factor(0), force=True)
+        # Frame indices are drawn where the frames are (the GPU when they fit): no host->device index copy
+        frames = self.session.train_frames
+        self._frames_device = frames.gt.device
+        self.sampler = torch.Generator(device=self._frames_device).manual_seed(cfg.train.seed + 1)
+        self._pair_prev = frames.pair_prev.to(self._frames_device)  # [P]
+        self._pair_next = frames.pair_next.to(self._frames_device)  # [P]
         self.iteration = 0
         self.history: list[dict[str, float]] = []
         self.test_loss_start: float | None = None
@@ -124,9 +134,17 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location="cpu")
         load_model_state(self.avatar, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # this device's Adam flavour, not the saving run's
+            group.update(self._adam_flags)
         self.iteration = int(ckpt["iteration"])
+        self._set_lrs(self._lr_factor(self.iteration), force=True)
         set_rng_state(ckpt["rng"])
-        self.sampler.set_state(ckpt["sampler"])
+        try:
+            self.sampler.set_state(ckpt["sampler"])
+        except (RuntimeError, ValueError, TypeError):  # a CPU generator state cannot seed a CUDA one (and back)
+            log.warning("%s: frame sampler state is from another device kind; sampling restarts from iteration "
+                        "%d with a fresh seed", path, self.iteration)
+            self.sampler.manual_seed(self.cfg.train.seed + 1 + self.iteration)
         self.history = list(ckpt.get("history", []))
         self.test_loss_start = ckpt.get("test_loss_start")
         log.info("resumed from %s at iteration %d", path, self.iteration)
@@ -146,27 +164,61 @@ class Trainer:
         final = self.cfg.optim.lr_final_factor
         return final ** (iteration / max(1, self.cfg.train.iterations)) if final != 1.0 else 1.0
 
+    def _set_lrs(self, factor: float, *, force: bool = False) -> None:
+        """Every group's lr = base * factor. On CUDA the groups' lrs are 0-d views of one device tensor, so
+        this is one kernel (and a captured optimiser step reads the current value)."""
+        if factor == self._lr_factor_set and not force:
+            return
+        self._lr_factor_set = factor
+        if self.device.type != "cuda":
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * factor
+            return
+        if self._lr_base is None:  # fused Adam reads a float32 lr tensor
+            self._lr_base = torch.tensor(self.base_lrs, dtype=torch.float32, device=self.device)  # [G]
+            self._lr_now = self._lr_base.clone()
+        if force:  # (re)bind: load_state_dict replaces the groups' lr entries
+            for g, group in enumerate(self.optimizer.param_groups):
+                group["lr"] = self._lr_now[g]
+        torch.mul(self._lr_base, factor, out=self._lr_now)
+
     def _sample(self) -> tuple[torch.Tensor, int]:
-        """Frame indices for one step: [B] or, with pairs, [2P] laid out as (t-1 of all pairs, t of all)."""
-        data = self.session.train_frames
+        """Frame indices for one step, on the frames' device: [B] or, with pairs, [2P] laid out as
+        (t-1 of all pairs, t of all)."""
         bs = self.cfg.train.batch_size
-        if self.cfg.loss.w2_weight > 0 and len(data.pair_next) > 0:
+        dev = self._frames_device
+        if self.cfg.loss.w2_weight > 0 and len(self._pair_next) > 0:
             pairs = max(1, bs // 2)
-            t = torch.randint(0, len(data.pair_next), (pairs,), generator=self.sampler)
-            prev, nxt = data.pair_prev[t], data.pair_next[t]
-            return torch.cat([prev, nxt]), pairs
-        return torch.randint(0, len(data), (bs,), generator=self.sampler), 0
+            t = torch.randint(0, len(self._pair_next), (pairs,), generator=self.sampler, device=dev)
+            return torch.cat([self._pair_prev[t], self._pair_next[t]]), pairs
+        return torch.randint(0, len(self.session.train_frames), (bs,), generator=self.sampler, device=dev), 0
 
     def step(self) -> dict[str, torch.Tensor]:
         """One optimisation step; returns the loss terms of this step (detached 0-d tensors: reading them as
         floats synchronises with the GPU, so the loop does that only when it logs)."""
+        with self._matmul_precision():
+            return self._eager_step()
+
+    @contextlib.contextmanager
+    def _matmul_precision(self):
+        """TF32 matmuls inside a CUDA training step when ``train.tf32`` (the MLP's GEMMs are most of the
+        step's arithmetic); the global setting is restored afterwards, so evaluation is unaffected."""
+        if self.device.type != "cuda" or not self.cfg.train.tf32:
+            yield
+            return
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+
+    def _eager_step(self) -> dict[str, torch.Tensor]:
         cfg, it = self.cfg, self.iteration
-        factor = self._lr_factor(it)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * factor
+        self._set_lrs(self._lr_factor(it))
         with self._stage("data"):
             idx, pairs = self._sample()
-            batch = self.session.train_frames.batch(idx, self.device)
+            batch = self.session.train_frames.batch(idx, self.device, frame_ids=False)
         self.avatar.active_sh_degree = self.active_sh_degree(it)
         with self._stage("forward"):
             out = self.session.render(batch, sh_degree=self.active_sh_degree(it), want_residual=pairs > 0,
@@ -212,8 +264,9 @@ class Trainer:
         """EMD between a random subset of offset centres and the surface points of the same Gaussians."""
         n = means.shape[1]
         k = min(self.cfg.loss.emd_points, n)
-        pick = torch.randperm(n, generator=self.sampler)[:k]
-        pick = pick.pin_memory().to(means.device, non_blocking=True) if means.is_cuda else pick
+        pick = torch.randperm(n, generator=self.sampler, device=self.sampler.device)[:k]
+        if pick.device != means.device:  # frames (and so the sampler) on the CPU, model on the GPU
+            pick = pick.pin_memory().to(means.device, non_blocking=True)
         scale = self.cfg.loss.w2_unit_scale  # millimetres, like the W2 term
         return losses.emd(means[:, pick] * scale, surface[:, pick] * scale).mean()
 

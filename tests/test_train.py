@@ -142,3 +142,24 @@ def test_bad_data_paths_are_named(tmp_path, subject):
     os.remove(broken / "synthetic" / "imgs" / "00003.jpg")
     with pytest.raises(FileNotFoundError, match="00003.jpg"):
         Trainer(tiny_config(broken), tmp_path / "run", device="cpu")
+
+
+def test_resume_with_a_sampler_state_from_another_device_kind(subject, tmp_path, caplog):
+    # frames are sampled on the device that holds them: a CUDA run's checkpoint carries a 16-byte Philox
+    # state that a CPU generator cannot take (and back); resuming must go on with a fresh seed, not fail
+    over = {"train": {"iterations": 4}, "optim": {"lr_final_factor": 0.5}}
+    first = Trainer(tiny_config(subject, **over), tmp_path / "run", device="cpu")
+    first.run(max_steps=2)
+    ckpt = io_utils.load_checkpoint(first.ckpt_path)
+    ckpt["sampler"] = torch.zeros(16, dtype=torch.uint8)
+    io_utils.save_checkpoint(first.ckpt_path, ckpt)
+    with caplog.at_level("WARNING", logger="flashavatar.train"):
+        resumed = Trainer(tiny_config(subject, **over), tmp_path / "run", device="cpu")
+    assert resumed.iteration == 2
+    assert "sampler state is from another device kind" in caplog.text
+    resumed.run()
+    assert resumed.iteration == 4
+    # the group learning rates follow the schedule again after the optimiser state was loaded
+    assert resumed._lr_factor(3) < 1
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx(
+        [b * resumed._lr_factor(3) for b in resumed.base_lrs])
