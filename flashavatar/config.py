@@ -86,6 +86,9 @@ class TrainConfig:
     tensorboard: bool = True  # when the tensorboard package is importable
     max_minutes: float = 0.0  # stop (as if finished) after this much training time; 0 = no limit
     tf32: bool = True  # CUDA: TF32 tensor cores for the float32 matmuls of a training step (the MLP)
+    cuda_graph: bool = True  # CUDA: replay each step from a captured CUDA graph (eager with a logged reason
+    #                          when the configuration or the capture does not allow it); ignored on a CPU
+    cuda_graph_refresh: int = 1000  # re-measure the rasteriser's capacity (and recapture if it moved) this often
 
 
 @dataclass
@@ -231,6 +234,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config: loss.perceptual must be auto, ssim, lpips or none, got '{l.perceptual}'")
     if l.w2_weight < 0 or l.emd_weight < 0:
         raise ValueError("config: loss.w2_weight and loss.emd_weight must be >= 0")
+    if t.cuda_graph_refresh < 0:
+        raise ValueError(f"config: train.cuda_graph_refresh must be >= 0 (0 = never), got {t.cuda_graph_refresh}")
     if t.sh_increase_every < 1:
         raise ValueError(f"config: train.sh_increase_every must be >= 1, got {t.sh_increase_every}")
 

@@ -49,6 +49,42 @@ class TrainResult:
     seconds: float = 0.0
 
 
+GRAPH_WARMUP = 3  # eager steps before a capture
+
+
+class _CudaGraphs:
+    """How Trainer captures and warms up: CUDA graphs on a side stream (tests substitute a CPU stand-in)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream: torch.cuda.Stream | None = None
+
+    def warmup(self, step):
+        """One eager step on a side stream (as torch.cuda.graphs asks before a capture), then a sync so the
+        rasteriser's asynchronous capacity read-back lands before the next call."""
+        self.stream = self.stream or torch.cuda.Stream(self.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            out = step()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return out
+
+    def capture(self, body):
+        """``body`` captured in a CUDA graph (not run); returns the replay function."""
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        return graph.replay
+
+    def capacities(self) -> dict:
+        """The compiled rasteriser's tile-intersection capacities (what a captured graph has baked in)."""
+        from .ops import rasterize as raster_ops
+
+        return {k: v.value for k, v in raster_ops._capacities.items()}
+
+
 class Trainer:
     """Owns the session (data, FLAME, avatar), the optimiser and the loop state of one run folder."""
 
@@ -61,8 +97,27 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.session = AvatarSession.build(cfg, self.device)
         self.avatar = self.session.avatar
-        # fused Adam on CUDA: one kernel for all parameters instead of a handful per tensor
+        self.rasterizer_name, _ = pick_rasterizer(self.device)
+        self.perceptual = self._make_perceptual()
+        frames = self.session.train_frames
+        # Frame indices are drawn where the frames are (the GPU when they fit): no host->device index copy
+        self._frames_device = frames.gt.device
+        self.sampler = torch.Generator(device=self._frames_device).manual_seed(cfg.train.seed + 1)
+        self._pair_prev = frames.pair_prev.to(self._frames_device)  # [P]
+        self._pair_next = frames.pair_next.to(self._frames_device)  # [P]
+        self._use_pairs = cfg.loss.w2_weight > 0 and len(self._pair_next) > 0
+        if cfg.loss.w2_weight > 0 and not self._use_pairs:
+            log.warning("loss.w2_weight > 0 but the train split has no consecutive frames: no W2 term")
+        # CUDA graph of the whole step (train.cuda_graph): None = possible, else the reason it is not used
+        self.graph_note = self._graph_blocker() or ""
+        self._graphs = None if self.graph_note else _CudaGraphs(self.device)
+        self.graph_active = False  # True while steps are replays of a captured graph
+        self._graph_reset()
+        # fused Adam on CUDA: one kernel for all parameters instead of a handful per tensor; capturable so
+        # that its step can be part of the graph
         self._adam_flags = {"fused": True} if self.device.type == "cuda" else {}
+        if self._graphs is not None:
+            self._adam_flags["capturable"] = True
         self.optimizer = torch.optim.Adam(self._param_groups(), eps=cfg.optim.eps, **self._adam_flags)
         self._adam_flags = {k: self.optimizer.param_groups[0][k] for k in ("fused", "foreach", "capturable")}
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -70,19 +125,9 @@ class Trainer:
         self._lr_now: torch.Tensor | None = None
         self._lr_factor_set: float | None = None
         self._set_lrs(self._lr_factor(0), force=True)
-        # Frame indices are drawn where the frames are (the GPU when they fit): no host->device index copy
-        frames = self.session.train_frames
-        self._frames_device = frames.gt.device
-        self.sampler = torch.Generator(device=self._frames_device).manual_seed(cfg.train.seed + 1)
-        self._pair_prev = frames.pair_prev.to(self._frames_device)  # [P]
-        self._pair_next = frames.pair_next.to(self._frames_device)  # [P]
         self.iteration = 0
         self.history: list[dict[str, float]] = []
         self.test_loss_start: float | None = None
-        self.perceptual = self._make_perceptual()
-        self.rasterizer_name, _ = pick_rasterizer(self.device)
-        if cfg.loss.w2_weight > 0 and len(self.session.train_frames.pair_next) == 0:
-            log.warning("loss.w2_weight > 0 but the train split has no consecutive frames: no W2 term")
         self.session.check_finite = False  # no host read per step; a non-finite loss is caught at log steps
         # benchmarks/bench_train_step.py sets this: profiler ranges around the stages of a step
         self.profile_stages = False
@@ -185,18 +230,27 @@ class Trainer:
     def _sample(self) -> tuple[torch.Tensor, int]:
         """Frame indices for one step, on the frames' device: [B] or, with pairs, [2P] laid out as
         (t-1 of all pairs, t of all)."""
-        bs = self.cfg.train.batch_size
-        dev = self._frames_device
-        if self.cfg.loss.w2_weight > 0 and len(self._pair_next) > 0:
-            pairs = max(1, bs // 2)
-            t = torch.randint(0, len(self._pair_next), (pairs,), generator=self.sampler, device=dev)
-            return torch.cat([self._pair_prev[t], self._pair_next[t]]), pairs
-        return torch.randint(0, len(self.session.train_frames), (bs,), generator=self.sampler, device=dev), 0
+        draw = torch.randint(0, self._draw_range(), (self._draw_count(),), generator=self.sampler,
+                             device=self._frames_device)
+        return self._indices(draw), self._draw_count() if self._use_pairs else 0
+
+    def _draw_range(self) -> int:
+        return len(self._pair_next) if self._use_pairs else len(self.session.train_frames)
+
+    def _draw_count(self) -> int:
+        return max(1, self.cfg.train.batch_size // 2) if self._use_pairs else self.cfg.train.batch_size
+
+    def _indices(self, draw: torch.Tensor) -> torch.Tensor:
+        """Frame indices from the step's random draw [D]: the frames themselves, or adjacent pairs."""
+        return torch.cat([self._pair_prev[draw], self._pair_next[draw]]) if self._use_pairs else draw
 
     def step(self) -> dict[str, torch.Tensor]:
         """One optimisation step; returns the loss terms of this step (detached 0-d tensors: reading them as
         floats synchronises with the GPU, so the loop does that only when it logs)."""
         with self._matmul_precision():
+            self._set_lrs(self._lr_factor(self.iteration))
+            if self._graphs is not None:
+                return self._graph_step()
             return self._eager_step()
 
     @contextlib.contextmanager
@@ -214,10 +268,21 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = before
 
     def _eager_step(self) -> dict[str, torch.Tensor]:
-        cfg, it = self.cfg, self.iteration
-        self._set_lrs(self._lr_factor(it))
+        it = self.iteration
         with self._stage("data"):
             idx, pairs = self._sample()
+        terms = self._forward_backward(idx, pairs, it)
+        with self._stage("optimizer"):
+            self.optimizer.step()
+        self.iteration += 1
+        self.graph_active = False
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _forward_backward(self, idx: torch.Tensor, pairs: int, it: int) -> dict[str, torch.Tensor]:
+        """Render frames ``idx`` [B], compute the loss terms of iteration ``it`` and their gradients; returns
+        the terms and their sum as "total". Host work only: no value is read back (a CUDA graph captures it)."""
+        cfg = self.cfg
+        with self._stage("data"):
             batch = self.session.train_frames.batch(idx, self.device, frame_ids=False)
         self.avatar.active_sh_degree = self.active_sh_degree(it)
         with self._stage("forward"):
@@ -240,16 +305,114 @@ class Trainer:
                 terms["w2"] = lc.w2_weight * losses.wasserstein_temporal(s0, s1, lc.w2_unit_scale)
             if "surface" in out:
                 terms["emd"] = lc.emd_weight * self._emd_term(out["means"], out["surface"])
-            total = sum(terms.values())
+            terms["total"] = sum(terms.values())
         with self._stage("backward"):
             self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
-        with self._stage("optimizer"):
+            terms["total"].backward()
+        return terms
+
+    # ------------------------------------------------------------------------------------- CUDA graph
+    # With train.cuda_graph on a GPU, a step is one replay of a graph holding the whole step (batch gather,
+    # FLAME, MLP, rasteriser forward and backward, losses, Adam). Outside the graph per step: the frame draw
+    # (into the graph's static input, from the same generator as an eager step, so both draw the same
+    # frames), the lr tensor and the iteration counter. One graph per phase (SH degree, perceptual term on,
+    # W2 term on): a step in a new phase first runs GRAPH_WARMUP eager steps on a side stream, synchronised,
+    # (lazy initialisation; the rasteriser's intersection capacity settles) and then captures. Every
+    # train.cuda_graph_refresh iterations the same warm-up re-measures that capacity and recaptures if it
+    # moved (a capacity that is too small is still exact, only slower).
+
+    def _graph_blocker(self) -> str | None:
+        """Why this run's step is not captured in a CUDA graph (None when it is)."""
+        if self.device.type != "cuda":
+            return "eager: not a CUDA device"
+        if not self.cfg.train.cuda_graph:
+            return "eager: train.cuda_graph is off"
+        if self.cfg.loss.emd_weight > 0:
+            return "eager: the EMD term reads its convergence back on the host (loss.emd_weight > 0)"
+        if self._frames_device != self.device:
+            return "eager: the training frames did not fit in GPU memory"
+        if self.rasterizer_name != "ops":
+            return f"eager: the '{self.rasterizer_name}' rasteriser cannot be captured"
+        return None
+
+    def _phase(self, it: int) -> tuple[int, bool, bool]:
+        """What a captured step depends on besides its inputs: (SH degree, perceptual on, W2 on)."""
+        lc = self.cfg.loss
+        return (self.active_sh_degree(it), self.perceptual is not None and it >= lc.perceptual_from,
+                self._use_pairs and it >= lc.w2_from)
+
+    def _graph_reset(self) -> None:
+        self._graph_replay = None  # Callable: one replay
+        self._graph_key: tuple | None = None
+        self._graph_iteration = 0  # iteration of the last capture or capacity check
+        self._graph_draw: torch.Tensor | None = None  # static input [D]
+        self._graph_terms: torch.Tensor | None = None  # static output [T]
+        self._graph_names: list[str] = []
+        self._warmup_left: int | None = None
+        self._capacity_before: dict = {}
+        self.captures = 0
+
+    def _drop_graph(self) -> None:
+        if self._graph_replay is not None:
+            self._graph_replay = self._graph_draw = self._graph_terms = None
+            self._graph_key = None
+            self.optimizer.zero_grad(set_to_none=True)  # the grads live in the graph's memory pool
+
+    def _graph_step(self) -> dict[str, torch.Tensor]:
+        it, key = self.iteration, self._phase(self.iteration)
+        refresh = self.cfg.train.cuda_graph_refresh
+        due = refresh > 0 and it - self._graph_iteration >= refresh
+        if self._graph_replay is not None and key == self._graph_key and not due and self._warmup_left is None:
+            return self._replay()
+        if self._warmup_left is None:  # start a (re)capture: eager warm-up steps first
+            self._warmup_left = GRAPH_WARMUP
+            self._capacity_before = self._graphs.capacities()
+            if key != self._graph_key:
+                self._drop_graph()
+        if self._warmup_left > 0:
+            self._warmup_left -= 1
+            return self._graphs.warmup(self._eager_step)
+        self._warmup_left = None
+        if self._graph_replay is not None and key == self._graph_key and \
+                self._graphs.capacities() == self._capacity_before:
+            self._graph_iteration = it  # nothing moved: keep the graph
+            return self._replay()
+        self._drop_graph()
+        try:
+            self._capture(it, key)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: train on, eagerly
+            self._drop_graph()
+            self._graphs = None
+            self.graph_note = f"eager from iteration {it}: capture failed ({type(exc).__name__}: {exc})"
+            log.warning("train.cuda_graph: %s", self.graph_note)
+            return self._eager_step()
+        return self._replay()
+
+    def _capture(self, it: int, key: tuple) -> None:
+        self._graph_draw = torch.zeros(self._draw_count(), dtype=torch.long, device=self._frames_device)
+        self.optimizer.zero_grad(set_to_none=True)  # backward allocates the grads in the graph's pool
+
+        def body():
+            pairs = self._draw_count() if self._use_pairs else 0
+            terms = self._forward_backward(self._indices(self._graph_draw), pairs, it)
             self.optimizer.step()
+            self._graph_names = list(terms)
+            self._graph_terms = torch.stack([v.detach() for v in terms.values()])
+
+        self._graph_replay = self._graphs.capture(body)
+        self._graph_key, self._graph_iteration = key, it
+        self.captures += 1
+        log.info("train.cuda_graph: captured the step at iteration %d (SH degree %d, perceptual %s, W2 %s)",
+                 it, *key)
+
+    def _replay(self) -> dict[str, torch.Tensor]:
+        # the same draw as _sample: randint(0, n, size) is empty(size).random_(0, n)
+        self._graph_draw.random_(0, self._draw_range(), generator=self.sampler)
+        self._graph_replay()
         self.iteration += 1
-        result = {k: v.detach() for k, v in terms.items()}
-        result["total"] = total.detach()
-        return result
+        self.graph_active = True
+        self.graph_note = f"replaying (captured {self.captures}x)"
+        return dict(zip(self._graph_names, self._graph_terms.clone().unbind()))
 
     @staticmethod
     def floats(terms: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:

@@ -163,3 +163,88 @@ def test_resume_with_a_sampler_state_from_another_device_kind(subject, tmp_path,
     assert resumed._lr_factor(3) < 1
     assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx(
         [b * resumed._lr_factor(3) for b in resumed.base_lrs])
+
+
+class FakeGraphs:
+    """CPU stand-in for train._CudaGraphs: "capture" keeps the step's body and each "replay" runs it again,
+    which is what a CUDA graph does for a body that reads only its static inputs and device tensors (the
+    iteration it depends on is fixed at capture, as in a real graph)."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.captured, self.warmups, self.capacity = fail, 0, 0, 1
+
+    def warmup(self, step):
+        self.warmups += 1
+        return step()
+
+    def capture(self, body):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captured += 1
+        return body
+
+    def capacities(self):
+        return {"key": self.capacity}
+
+
+def _graph_run_config(root):
+    # phases change at 3 (SH degree 1), 5 (perceptual on) and 7 (W2 on); capacity re-checks every 4 steps
+    return tiny_config(root, train={"iterations": 16, "sh_increase_every": 3, "cuda_graph_refresh": 4},
+                       loss={"w2_weight": 0.05, "w2_from": 7, "perceptual_from": 5},
+                       optim={"lr_final_factor": 0.5})
+
+
+def test_cuda_graph_is_off_on_the_cpu(subject, tmp_path):
+    trainer = Trainer(tiny_config(subject, train={"cuda_graph": True}), tmp_path / "run", device="cpu")
+    assert trainer._graphs is None and "not a CUDA device" in trainer.graph_note
+    trainer.step()
+    assert not trainer.graph_active
+    with pytest.raises(ValueError, match="cuda_graph_refresh"):
+        tiny_config(subject, train={"cuda_graph_refresh": -1})
+
+
+def test_graph_steps_follow_the_phases_and_match_eager_steps(subject, tmp_path):
+    eager = Trainer(_graph_run_config(subject), tmp_path / "eager", device="cpu")
+    graphed = Trainer(_graph_run_config(subject), tmp_path / "graph", device="cpu")
+    fake = graphed._graphs = FakeGraphs()
+    replayed, captures = [], []
+    for it in range(16):
+        a, b = eager.step(), graphed.step()
+        replayed.append(graphed.graph_active)
+        captures.append(fake.captured)
+        assert set(a) == set(b), it  # the same loss terms in every phase
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), (it, k, a[k], b[k])
+    # 3 eager warm-up steps, capture at 3 (phase SH 1); perceptual at 5 -> warm-up 5-7, capture at 8 (W2 on
+    # since 7); capacity re-check due at 12: warm-up 12-14, capacity unchanged -> the same graph replays at 15
+    assert replayed == [False] * 3 + [True] * 2 + [False] * 3 + [True] * 4 + [False] * 3 + [True]
+    assert captures[-1] == 2 and captures[3] == 1 and captures[8] == 2
+    assert fake.warmups == 9 and eager.iteration == graphed.iteration == 16
+    a, b = _params(eager), _params(graphed)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+    assert torch.equal(eager.sampler.get_state(), graphed.sampler.get_state())  # the same frames were drawn
+
+
+def test_graph_recaptures_when_the_raster_capacity_moved(subject, tmp_path):
+    trainer = Trainer(_graph_run_config(subject), tmp_path / "run", device="cpu")
+    fake = trainer._graphs = FakeGraphs()
+    for _ in range(13):  # captures at 3 and 8; the re-check starts at 12
+        trainer.step()
+    fake.capacity = 2  # the warm-up steps measured another intersection count
+    for _ in range(3):
+        trainer.step()
+    assert fake.captured == 3 and trainer.graph_active
+
+
+def test_failed_capture_falls_back_to_eager_with_the_reason(subject, tmp_path, caplog):
+    eager = Trainer(_graph_run_config(subject), tmp_path / "eager", device="cpu")
+    trainer = Trainer(_graph_run_config(subject), tmp_path / "run", device="cpu")
+    trainer._graphs = FakeGraphs(fail=True)
+    with caplog.at_level("WARNING", logger="flashavatar.train"):
+        for _ in range(6):
+            a, b = eager.step(), trainer.step()
+            assert torch.allclose(a["total"], b["total"], rtol=1e-5)
+    assert trainer._graphs is None and not trainer.graph_active
+    assert "capture failed (RuntimeError: operation not permitted" in trainer.graph_note
+    assert "capture failed" in caplog.text
