@@ -80,8 +80,9 @@ class TrainConfig:
     log_every: int = 50
     preview_every: int = 2000
     checkpoint_every: int = 5000
-    eval_every: int = 0  # test-loss evaluation every this many iterations (0 = only at the end)
-    eval_frames: int = 8  # test frames used for that evaluation
+    eval_every: int = 0  # test evaluation (loss, head PSNR/SSIM) every this many iterations (0 = only at the end)
+    eval_frames: int = 8  # test frames used for that evaluation (evenly spaced over the test split)
+    psnr_bar: float = 32.0  # test head-region PSNR (dB) whose first crossing is recorded as the time to the bar
     progress: bool = True
     tensorboard: bool = True  # when the tensorboard package is importable
     max_minutes: float = 0.0  # stop (as if finished) after this much training time; 0 = no limit
@@ -107,14 +108,15 @@ class Config:
 # minutes on 2 cores with the pure-torch or CPU rasteriser.
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {
-        "train": {"iterations": 30000, "batch_size": 4, "preview_every": 2000, "checkpoint_every": 5000},
+        "train": {"iterations": 30000, "batch_size": 4, "preview_every": 2000, "checkpoint_every": 5000,
+                  "eval_every": 500, "eval_frames": 32},
         "model": {"uv_size": 128},
         "loss": {"perceptual_from": 15000, "w2_from": 2000},
         "optim": {"lr_final_factor": 0.1},
     },
     "cpu": {
         "train": {"iterations": 1000, "batch_size": 2, "sh_increase_every": 250, "preview_every": 250,
-                  "checkpoint_every": 250, "log_every": 25, "eval_frames": 4},
+                  "checkpoint_every": 250, "log_every": 25, "eval_frames": 4, "eval_every": 250},
         "model": {"uv_size": 64, "sh_degree": 2, "mlp_hidden": 128, "mlp_layers": 4},
         "data": {"n_test": 20, "image_scale": 1.0},
         "loss": {"perceptual_from": 700, "w2_from": 300},

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import time
@@ -31,7 +32,7 @@ import torch
 from . import config as config_mod
 from . import losses, metrics
 from .config import Config
-from .io_utils import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_png
+from .io_utils import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_png
 from .rasterizer_choice import pick_rasterizer
 from .session import AvatarSession, resolve_device
 
@@ -46,7 +47,11 @@ class TrainResult:
     test_loss_start: float | None = None
     test_loss_end: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock time of this run() call
+    steps: int = 0  # steps taken in this run() call
+    train_seconds: float = 0.0  # training time of the whole run (resumes included; evaluation excluded)
+    final_eval: dict[str, float] = field(default_factory=dict)
+    time_to_bar: dict[str, float] | None = None  # first evaluation at or above train.psnr_bar
 
 
 GRAPH_WARMUP = 3  # eager steps before a capture
@@ -128,6 +133,8 @@ class Trainer:
         self.iteration = 0
         self.history: list[dict[str, float]] = []
         self.test_loss_start: float | None = None
+        self.train_seconds = 0.0  # time spent in steps (evaluation, previews and checkpoints excluded)
+        self.time_to_bar: dict[str, float] | None = None
         self.session.check_finite = False  # no host read per step; a non-finite loss is caught at log steps
         # benchmarks/bench_train_step.py sets this: profiler ranges around the stages of a step
         self.profile_stages = False
@@ -166,6 +173,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "history": self.history,
             "test_loss_start": self.test_loss_start,
+            "train_seconds": self.train_seconds,
+            "time_to_bar": self.time_to_bar,
         }
 
     def save(self, path: Path | None = None) -> Path:
@@ -192,6 +201,8 @@ class Trainer:
             self.sampler.manual_seed(self.cfg.train.seed + 1 + self.iteration)
         self.history = list(ckpt.get("history", []))
         self.test_loss_start = ckpt.get("test_loss_start")
+        self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+        self.time_to_bar = ckpt.get("time_to_bar")
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
     # ------------------------------------------------------------------------------------------ steps
@@ -433,20 +444,46 @@ class Trainer:
         scale = self.cfg.loss.w2_unit_scale  # millimetres, like the W2 term
         return losses.emd(means[:, pick] * scale, surface[:, pick] * scale).mean()
 
-    @torch.no_grad()
     def test_loss(self) -> float:
         """Huber image loss on the first ``train.eval_frames`` test frames (full SH degree in use)."""
+        return self.evaluate()["test_loss"]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics on ``train.eval_frames`` evenly spaced test frames, means over frames: ``test_loss`` (the
+        Huber image loss), and as ``flashavatar render`` measures them (render clamped to [0, 1], head = the
+        pixels inside the head mask): ``test_psnr_head``, ``test_ssim_head``, ``test_psnr_full``."""
         data = self.session.test_frames
         n = min(len(data), self.cfg.train.eval_frames)
+        names = ("test_loss", "test_psnr_head", "test_ssim_head", "test_psnr_full")
         if n == 0:
-            return float("nan")
+            return dict.fromkeys(names, float("nan"))
         idx = torch.linspace(0, len(data) - 1, n).round().long()
-        total = 0.0
+        sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)  # [4], read back once
         for chunk in idx.split(max(1, self.cfg.train.batch_size)):
-            batch = data.batch(chunk, self.device)
+            batch = data.batch(chunk, self.device, frame_ids=False)
             out = self.session.render(batch, sh_degree=self.active_sh_degree(self.iteration))
-            total += float(losses.huber(out["image"], batch["gt"], self.cfg.loss.huber_delta)) * len(chunk)
-        return total / n
+            pred, gt, head = out["image"], batch["gt"], batch["head_mask"]  # [B, H, W, 3], [B, H, W]
+            clamped = pred.clamp(0, 1)
+            sums += torch.stack([losses.huber(pred, gt, self.cfg.loss.huber_delta) * len(chunk),
+                                 metrics.psnr(clamped, gt, head).sum(), metrics.ssim(clamped, gt, head).sum(),
+                                 metrics.psnr(clamped, gt).sum()]).double()
+        return dict(zip(names, (sums / n).tolist()))
+
+    def _record_eval(self, iteration: int, ev: dict[str, float], writer) -> None:
+        """History entry with the training time; notes the first time the head PSNR reaches the bar."""
+        self.history.append({"iteration": iteration, "train_seconds": self.train_seconds, **ev})
+        bar = self.cfg.train.psnr_bar
+        if self.time_to_bar is None and ev["test_psnr_head"] >= bar:
+            self.time_to_bar = {"seconds": self.train_seconds, "iteration": iteration, "bar": bar,
+                                "test_psnr_head": ev["test_psnr_head"], "test_ssim_head": ev["test_ssim_head"]}
+            log.info("test head PSNR %.2f dB >= %.1f dB after %.1f s of training (iteration %d)",
+                     ev["test_psnr_head"], bar, self.train_seconds, iteration)
+        if writer is not None:
+            writer.add_scalar("test/huber", ev["test_loss"], iteration)
+            for k in ("test_psnr_head", "test_ssim_head", "test_psnr_full"):
+                writer.add_scalar(f"test/{k[5:]}", ev[k], iteration)
+            writer.add_scalar("time/train_seconds", self.train_seconds, iteration)
 
     @torch.no_grad()
     def preview(self) -> Path:
@@ -474,12 +511,14 @@ class Trainer:
 
             bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="train", unit="it", dynamic_ncols=True)
         t0 = time.perf_counter()
+        start_iteration, start_seconds = self.iteration, self.train_seconds
+        clock = _TrainClock(self)  # training time: steps only, evaluation and I/O excluded
         interrupted = False
         timed_out = False
         smooth = None
         try:
             while self.iteration < end:
-                if cfg.max_minutes and time.perf_counter() - t0 > 60.0 * cfg.max_minutes:
+                if cfg.max_minutes and clock.seconds() - start_seconds > 60.0 * cfg.max_minutes:
                     timed_out = True
                     log.info("train.max_minutes=%g reached at iteration %d", cfg.max_minutes, self.iteration)
                     break
@@ -496,33 +535,59 @@ class Trainer:
                     if writer is not None:
                         for k, v in terms.items():
                             writer.add_scalar(f"loss/{k}", v, it)
-                if cfg.eval_every and it % cfg.eval_every == 0:
-                    tl = self.test_loss()
-                    self.history.append({"iteration": it, "test_loss": tl})
-                    if writer is not None:
-                        writer.add_scalar("test/huber", tl, it)
-                if cfg.preview_every and it % cfg.preview_every == 0:
-                    self.preview()
-                if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < end:
-                    self.save()
+                evaluate = cfg.eval_every and it % cfg.eval_every == 0
+                preview = cfg.preview_every and it % cfg.preview_every == 0
+                checkpoint = cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < end
+                if evaluate or preview or checkpoint:
+                    with clock.paused():
+                        if evaluate:
+                            self._record_eval(it, self.evaluate(), writer)
+                        if preview:
+                            self.preview()
+                        if checkpoint:
+                            self.save()
         except KeyboardInterrupt:
             interrupted = True
             log.warning("interrupted at iteration %d: saving a checkpoint", self.iteration)
         finally:
+            clock.stop()
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - t0
         test_end = None
+        final: dict[str, float] = {}
         if not interrupted and (self.iteration >= cfg.iterations or timed_out):
-            test_end = self.test_loss()
-            self.history.append({"iteration": self.iteration, "test_loss": test_end})
+            final = self.evaluate()
+            test_end = final["test_loss"]
+            if not (cfg.eval_every and self.history and self.history[-1].get("iteration") == self.iteration
+                    and "test_loss" in self.history[-1]):
+                self._record_eval(self.iteration, final, writer)
             if cfg.preview_every:
                 self.preview()
         path = self.save()
         if writer is not None:
             writer.close()
-        return TrainResult(self.iteration, interrupted, path, self.test_loss_start, test_end, self.history,
-                           seconds)
+        result = TrainResult(self.iteration, interrupted, path, self.test_loss_start, test_end, self.history,
+                             seconds, self.iteration - start_iteration, self.train_seconds, final, self.time_to_bar)
+        self._write_summary(result)
+        return result
+
+    def _write_summary(self, result: TrainResult) -> None:
+        """``<out>/train_summary.json``: speed, the evaluations over training time and the time to the bar."""
+        evals = [h for h in self.history if "test_psnr_head" in h]
+        best = max(evals, key=lambda h: h["test_psnr_head"], default=None)
+        summary = {
+            "iteration": result.iteration, "interrupted": result.interrupted,
+            "train_seconds": result.train_seconds, "wall_seconds_this_call": result.seconds,
+            "steps_this_call": result.steps,
+            "it_per_s": result.steps / result.seconds if result.seconds > 0 else None,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "cuda_graph": self.graph_note, "batch_size": self.cfg.train.batch_size,
+            "eval_frames": min(len(self.session.test_frames), self.cfg.train.eval_frames),
+            "psnr_bar": self.cfg.train.psnr_bar, "time_to_bar": self.time_to_bar,
+            "final": result.final_eval or None, "best": best, "evals": evals,
+        }
+        atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=1))
 
     def _tensorboard(self):
         if not self.cfg.train.tensorboard:
@@ -532,6 +597,37 @@ class Trainer:
         except ImportError:  # tensorboard is optional
             return None
         return SummaryWriter(str(self.out / "tensorboard"))
+
+
+class _TrainClock:
+    """Seconds spent training, accumulated into ``trainer.train_seconds``; ``paused()`` leaves out evaluation
+    and I/O. On CUDA the pause synchronises first, so queued steps count as training time."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.since: float | None = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.trainer.device.type == "cuda":
+            torch.cuda.synchronize(self.trainer.device)
+
+    def seconds(self) -> float:
+        running = time.perf_counter() - self.since if self.since is not None else 0.0
+        return self.trainer.train_seconds + running
+
+    def stop(self) -> None:
+        if self.since is not None:
+            self._sync()
+            self.trainer.train_seconds += time.perf_counter() - self.since
+            self.since = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.stop()
+        try:
+            yield
+        finally:
+            self.since = time.perf_counter()
 
 
 def load_model_state(avatar, ckpt: dict[str, Any], path: Path) -> None:
@@ -611,8 +707,23 @@ def report_training(trainer: Trainer, result: TrainResult) -> TrainResult:
         print(f"interrupted at iteration {result.iteration}; checkpoint saved to {result.checkpoint} "
               "(run the same command again to resume)")
     else:
-        its = (result.iteration / result.seconds) if result.seconds > 0 else math.nan
-        print(f"trained to iteration {result.iteration} in {result.seconds:.1f} s ({its:.2f} it/s); "
+        its = (result.steps / result.seconds) if result.seconds > 0 else math.nan
+        print(f"trained to iteration {result.iteration} in {result.seconds:.1f} s ({its:.2f} it/s; "
+              f"{result.train_seconds:.1f} s of training in all, evaluation excluded; {trainer.graph_note}); "
               f"test Huber loss {result.test_loss_start:.5f} -> {result.test_loss_end:.5f}; "
               f"checkpoint {result.checkpoint}")
+    bar = trainer.cfg.train.psnr_bar
+    if result.final_eval:
+        fe = result.final_eval
+        n = min(len(s.test_frames), trainer.cfg.train.eval_frames)
+        print(f"test ({n} frames): head PSNR {fe['test_psnr_head']:.2f} dB, SSIM {fe['test_ssim_head']:.4f}; "
+              f"full-frame PSNR {fe['test_psnr_full']:.2f} dB")
+    ttb = result.time_to_bar
+    evals = [h["test_psnr_head"] for h in result.history if "test_psnr_head" in h]
+    if ttb is not None:
+        print(f"time to the {bar:g} dB head-PSNR bar: {ttb['seconds']:.1f} s of training "
+              f"(iteration {ttb['iteration']}, {ttb['test_psnr_head']:.2f} dB)")
+    elif evals:
+        print(f"the {bar:g} dB head-PSNR bar was not reached (best {max(evals):.2f} dB over {len(evals)} "
+              "evaluations)")
     return result

@@ -248,3 +248,37 @@ def test_failed_capture_falls_back_to_eager_with_the_reason(subject, tmp_path, c
     assert trainer._graphs is None and not trainer.graph_active
     assert "capture failed (RuntimeError: operation not permitted" in trainer.graph_note
     assert "capture failed" in caplog.text
+
+
+def test_evaluation_records_head_psnr_over_training_time_and_the_time_to_the_bar(subject, tmp_path, capsys):
+    import json
+
+    from flashavatar import render
+    from flashavatar.train import report_training
+
+    cfg = tiny_config(subject, train={"iterations": 40, "eval_every": 20, "psnr_bar": 5.0})
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    result = report_training(trainer, trainer.run())
+    evals = [h for h in result.history if "test_psnr_head" in h]
+    assert [h["iteration"] for h in evals] == [20, 40]  # the final evaluation is not repeated
+    assert 0 < evals[0]["train_seconds"] < evals[1]["train_seconds"] <= result.train_seconds
+    # the same numbers as `flashavatar render` on those frames (mask, clamping, mean over frames)
+    same = render.evaluate(trainer.session, trainer.session.test_frames, write_frames=False)
+    assert result.final_eval["test_psnr_head"] == pytest.approx(same["mean"]["psnr_head"], rel=1e-5)
+    assert result.final_eval["test_ssim_head"] == pytest.approx(same["mean"]["ssim_head"], rel=1e-5)
+    assert result.final_eval["test_psnr_full"] == pytest.approx(same["mean"]["psnr_full"], rel=1e-5)
+    # a 5 dB bar is passed at the first evaluation
+    assert result.time_to_bar["iteration"] == 20 and result.time_to_bar["seconds"] == evals[0]["train_seconds"]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["time_to_bar"]["iteration"] == 20 and summary["psnr_bar"] == 5.0
+    assert summary["final"]["test_psnr_head"] == result.final_eval["test_psnr_head"]
+    assert "time to the 5 dB head-PSNR bar" in capsys.readouterr().out
+    # kept across a resume; an unreachable bar is reported as such
+    again = Trainer(tiny_config(subject, train={"iterations": 40, "psnr_bar": 99.0}), tmp_path / "run",
+                    device="cpu")
+    assert again.time_to_bar == result.time_to_bar and again.train_seconds == result.train_seconds
+    other = Trainer(tiny_config(subject, train={"iterations": 20, "eval_every": 20, "psnr_bar": 99.0}),
+                    tmp_path / "other", device="cpu")
+    res = report_training(other, other.run())
+    assert res.time_to_bar is None
+    assert "99 dB head-PSNR bar was not reached" in capsys.readouterr().out
