@@ -157,30 +157,31 @@ def profile_stages(trainer, device: torch.device, steps: int) -> dict:
         trainer.profile_stages = False
         for obj, attr, _ in hooks:
             _unwrap(obj, attr)
-    ka = prof.key_averages()
-
-    def dev_us(e) -> float:
-        return float(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)))
-
+    # Numbers from the raw events: a kernel counts once, as self device time of the CPU op that launched it
+    # (key_averages would also merge in the GPU-side copies of the record_function ranges).
+    cpu = torch.autograd.DeviceType.CPU
+    events = [e for e in prof.events() if e.device_type == cpu]
     host, dev = {}, {}
-    for e in ka:
-        if e.key.startswith("train/"):
-            host[e.key[6:]] = e.cpu_time_total / 1e3 / steps
-            dev[e.key[6:]] = dev_us(e) / 1e3 / steps
-        elif "rasterize_bwd" in e.key:
-            host["raster_bwd"] = host.get("raster_bwd", 0.0) + e.cpu_time_total / 1e3 / steps
-            dev["raster_bwd"] = dev.get("raster_bwd", 0.0) + dev_us(e) / 1e3 / steps
+
+    def add(name: str, e) -> None:
+        host[name] = host.get(name, 0.0) + e.cpu_time_total / 1e3 / steps
+        dev[name] = dev.get(name, 0.0) + e.device_time_total / 1e3 / steps
+
+    for e in events:
+        if e.name.startswith("train/"):
+            add(e.name[6:], e)
+        elif "rasterize_bwd" in e.name and not (e.cpu_parent is not None and "rasterize_bwd" in e.cpu_parent.name):
+            add("raster_bwd", e)
     for d in (host, dev):
         d["assembly"] = d.get("avatar", 0.0) - d.get("flame", 0.0) - d.get("mlp", 0.0)
-    is_kernel = [e for e in ka if e.device_type != torch.autograd.DeviceType.CPU]
-    kernel_ms = sum(float(getattr(e, "self_device_time_total", 0.0)) for e in is_kernel) / 1e3 / steps
-    n_kernels = sum(e.count for e in is_kernel) / steps
-    n_ops = sum(e.count for e in ka if e.device_type == torch.autograd.DeviceType.CPU
-                and e.key.startswith("aten::")) / steps
+    kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / steps
+    n_kernels = sum(len(e.kernels) for e in events) / steps
+    n_ops = sum(1 for e in events if e.name.startswith("aten::")) / steps
     if device.type == "cuda":
         # backward kernels run on the autograd engine's thread, outside the "backward" range of the main thread
         dev["backward"] = max(0.0, kernel_ms - sum(dev.get(k, 0.0) for k in ("data", "forward", "losses",
                                                                              "optimizer")))
+    ka = prof.key_averages()
     stages = {k: {"host_ms": host.get(k, 0.0), "device_ms": dev.get(k, 0.0), "what": v} for k, v in STAGES.items()}
     table = ka.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
                      row_limit=25, max_name_column_width=60)

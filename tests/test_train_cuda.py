@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from test_train import tiny_config  # noqa: F401  (the tiny subject fixture comes from there too)
-from test_train import subject  # noqa: F401
+from test_train import subject  # noqa: F401  (the tiny synthetic subject fixture)
+from test_train import tiny_config
+
 from flashavatar.train import Trainer
 
 pytestmark = pytest.mark.cuda
