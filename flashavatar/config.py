@@ -80,11 +80,16 @@ class TrainConfig:
     log_every: int = 50
     preview_every: int = 2000
     checkpoint_every: int = 5000
-    eval_every: int = 0  # test-loss evaluation every this many iterations (0 = only at the end)
-    eval_frames: int = 8  # test frames used for that evaluation
+    eval_every: int = 0  # test evaluation (loss, head PSNR/SSIM) every this many iterations (0 = only at the end)
+    eval_frames: int = 8  # test frames used for that evaluation (evenly spaced over the test split)
+    psnr_bar: float = 32.0  # test head-region PSNR (dB) whose first crossing is recorded as the time to the bar
     progress: bool = True
     tensorboard: bool = True  # when the tensorboard package is importable
     max_minutes: float = 0.0  # stop (as if finished) after this much training time; 0 = no limit
+    tf32: bool = True  # CUDA: TF32 tensor cores for the float32 matmuls of a training step (the MLP)
+    cuda_graph: bool = True  # CUDA: replay each step from a captured CUDA graph (eager with a logged reason
+    #                          when the configuration or the capture does not allow it); ignored on a CPU
+    cuda_graph_refresh: int = 1000  # re-measure the rasteriser's capacity (and recapture if it moved) this often
 
 
 @dataclass
@@ -103,14 +108,15 @@ class Config:
 # minutes on 2 cores with the pure-torch or CPU rasteriser.
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {
-        "train": {"iterations": 30000, "batch_size": 4, "preview_every": 2000, "checkpoint_every": 5000},
+        "train": {"iterations": 30000, "batch_size": 4, "preview_every": 2000, "checkpoint_every": 5000,
+                  "eval_every": 500, "eval_frames": 32},
         "model": {"uv_size": 128},
         "loss": {"perceptual_from": 15000, "w2_from": 2000},
         "optim": {"lr_final_factor": 0.1},
     },
     "cpu": {
         "train": {"iterations": 1000, "batch_size": 2, "sh_increase_every": 250, "preview_every": 250,
-                  "checkpoint_every": 250, "log_every": 25, "eval_frames": 4},
+                  "checkpoint_every": 250, "log_every": 25, "eval_frames": 4, "eval_every": 250},
         "model": {"uv_size": 64, "sh_degree": 2, "mlp_hidden": 128, "mlp_layers": 4},
         "data": {"n_test": 20, "image_scale": 1.0},
         "loss": {"perceptual_from": 700, "w2_from": 300},
@@ -230,6 +236,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config: loss.perceptual must be auto, ssim, lpips or none, got '{l.perceptual}'")
     if l.w2_weight < 0 or l.emd_weight < 0:
         raise ValueError("config: loss.w2_weight and loss.emd_weight must be >= 0")
+    if t.cuda_graph_refresh < 0:
+        raise ValueError(f"config: train.cuda_graph_refresh must be >= 0 (0 = never), got {t.cuda_graph_refresh}")
     if t.sh_increase_every < 1:
         raise ValueError(f"config: train.sh_increase_every must be >= 1, got {t.sh_increase_every}")
 

@@ -94,18 +94,22 @@ class FrameSet:
             out[k] = v.expand(len(idx), -1) if (k == "shape" and v.shape[0] == 1) else v[_to_device(idx, v.device)]
         return out
 
-    def batch(self, idx: torch.Tensor, device: torch.device) -> dict[str, Any]:
-        """Float batch: gt [B, H, W, 3] in [0, 1], masks [B, H, W] float, viewmats, Ks, codes on ``device``."""
+    def batch(self, idx: torch.Tensor, device: torch.device, *, frame_ids: bool = True) -> dict[str, Any]:
+        """Float batch: gt [B, H, W, 3] in [0, 1], masks [B, H, W] float, viewmats, Ks, codes on ``device``;
+        ``frame_ids`` [B] (CPU) unless ``frame_ids=False`` (training: reading a device index on the host would
+        synchronise)."""
         i = _to_device(idx, self.gt.device)
-        return {
+        out = {
             "gt": self.gt[i].to(device, non_blocking=True).float() / 255.0,
             "head_mask": self.head_mask[i].to(device, non_blocking=True).float(),
             "mouth_mask": self.mouth_mask[i].to(device, non_blocking=True).float(),
             "viewmats": self.viewmats[i].to(device),
             "Ks": self.Ks[i].to(device),
             "codes": {k: v.to(device) for k, v in self.codes_at(i).items()},
-            "frame_ids": self.frame_ids[idx.cpu()],
         }
+        if frame_ids:
+            out["frame_ids"] = self.frame_ids[idx.cpu()]
+        return out
 
     def subset(self, idx: torch.Tensor) -> "FrameSet":
         return FrameSet(self.gt[idx], self.head_mask[idx], self.mouth_mask[idx], self.viewmats[idx], self.Ks[idx],

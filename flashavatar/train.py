@@ -18,6 +18,8 @@ Ctrl-C saves one and exits cleanly.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import math
 import time
@@ -30,7 +32,7 @@ import torch
 from . import config as config_mod
 from . import losses, metrics
 from .config import Config
-from .io_utils import load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_png
+from .io_utils import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state, write_png
 from .rasterizer_choice import pick_rasterizer
 from .session import AvatarSession, resolve_device
 
@@ -45,7 +47,47 @@ class TrainResult:
     test_loss_start: float | None = None
     test_loss_end: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock time of this run() call
+    steps: int = 0  # steps taken in this run() call
+    train_seconds: float = 0.0  # training time of the whole run (resumes included; evaluation excluded)
+    final_eval: dict[str, float] = field(default_factory=dict)
+    time_to_bar: dict[str, float] | None = None  # first evaluation at or above train.psnr_bar
+
+
+GRAPH_WARMUP = 3  # eager steps before a capture
+
+
+class _CudaGraphs:
+    """How Trainer captures and warms up: CUDA graphs on a side stream (tests substitute a CPU stand-in)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream: torch.cuda.Stream | None = None
+
+    def warmup(self, step):
+        """One eager step on a side stream (as torch.cuda.graphs asks before a capture), then a sync so the
+        rasteriser's asynchronous capacity read-back lands before the next call."""
+        self.stream = self.stream or torch.cuda.Stream(self.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            out = step()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return out
+
+    def capture(self, body):
+        """``body`` captured in a CUDA graph (not run); returns the replay function."""
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        return graph.replay
+
+    def capacities(self) -> dict:
+        """The compiled rasteriser's tile-intersection capacities (what a captured graph has baked in)."""
+        from .ops import rasterize as raster_ops
+
+        return {k: v.value for k, v in raster_ops._capacities.items()}
 
 
 class Trainer:
@@ -60,19 +102,42 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.session = AvatarSession.build(cfg, self.device)
         self.avatar = self.session.avatar
-        # fused Adam on CUDA: one kernel for all parameters instead of a handful per tensor
-        self.optimizer = torch.optim.Adam(self._param_groups(), eps=cfg.optim.eps,
-                                          **({"fused": True} if self.device.type == "cuda" else {}))
+        self.rasterizer_name, _ = pick_rasterizer(self.device)
+        self.perceptual = self._make_perceptual()
+        frames = self.session.train_frames
+        # Frame indices are drawn where the frames are (the GPU when they fit): no host->device index copy
+        self._frames_device = frames.gt.device
+        self.sampler = torch.Generator(device=self._frames_device).manual_seed(cfg.train.seed + 1)
+        self._pair_prev = frames.pair_prev.to(self._frames_device)  # [P]
+        self._pair_next = frames.pair_next.to(self._frames_device)  # [P]
+        self._use_pairs = cfg.loss.w2_weight > 0 and len(self._pair_next) > 0
+        if cfg.loss.w2_weight > 0 and not self._use_pairs:
+            log.warning("loss.w2_weight > 0 but the train split has no consecutive frames: no W2 term")
+        # CUDA graph of the whole step (train.cuda_graph): None = possible, else the reason it is not used
+        self.graph_note = self._graph_blocker() or ""
+        self._graphs = None if self.graph_note else _CudaGraphs(self.device)
+        self.graph_active = False  # True while steps are replays of a captured graph
+        self._graph_reset()
+        # fused Adam on CUDA: one kernel for all parameters instead of a handful per tensor; capturable so
+        # that its step can be part of the graph
+        self._adam_flags = {"fused": True} if self.device.type == "cuda" else {}
+        if self._graphs is not None:
+            self._adam_flags["capturable"] = True
+        self.optimizer = torch.optim.Adam(self._param_groups(), eps=cfg.optim.eps, **self._adam_flags)
+        self._adam_flags = {k: self.optimizer.param_groups[0][k] for k in ("fused", "foreach", "capturable")}
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.sampler = torch.Generator().manual_seed(cfg.train.seed + 1)  # frame sampling only
+        self._lr_base: torch.Tensor | None = None  # [G] on CUDA: every group's lr is a view of one tensor
+        self._lr_now: torch.Tensor | None = None
+        self._lr_factor_set: float | None = None
+        self._set_lrs(self._lr_factor(0), force=True)
         self.iteration = 0
         self.history: list[dict[str, float]] = []
         self.test_loss_start: float | None = None
-        self.perceptual = self._make_perceptual()
-        self.rasterizer_name, _ = pick_rasterizer(self.device)
-        if cfg.loss.w2_weight > 0 and len(self.session.train_frames.pair_next) == 0:
-            log.warning("loss.w2_weight > 0 but the train split has no consecutive frames: no W2 term")
+        self.train_seconds = 0.0  # time spent in steps (evaluation, previews and checkpoints excluded)
+        self.time_to_bar: dict[str, float] | None = None
         self.session.check_finite = False  # no host read per step; a non-finite loss is caught at log steps
+        # benchmarks/bench_train_step.py sets this: profiler ranges around the stages of a step
+        self.profile_stages = False
         if resume and self.ckpt_path.is_file():
             self.load(self.ckpt_path)
 
@@ -108,6 +173,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "history": self.history,
             "test_loss_start": self.test_loss_start,
+            "train_seconds": self.train_seconds,
+            "time_to_bar": self.time_to_bar,
         }
 
     def save(self, path: Path | None = None) -> Path:
@@ -121,14 +188,31 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location="cpu")
         load_model_state(self.avatar, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:  # this device's Adam flavour, not the saving run's
+            group.update(self._adam_flags)
         self.iteration = int(ckpt["iteration"])
+        self._set_lrs(self._lr_factor(self.iteration), force=True)
         set_rng_state(ckpt["rng"])
-        self.sampler.set_state(ckpt["sampler"])
+        try:
+            self.sampler.set_state(ckpt["sampler"])
+        except (RuntimeError, ValueError, TypeError):  # a CPU generator state cannot seed a CUDA one (and back)
+            log.warning("%s: frame sampler state is from another device kind; sampling restarts from iteration "
+                        "%d with a fresh seed", path, self.iteration)
+            self.sampler.manual_seed(self.cfg.train.seed + 1 + self.iteration)
         self.history = list(ckpt.get("history", []))
         self.test_loss_start = ckpt.get("test_loss_start")
+        self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+        self.time_to_bar = ckpt.get("time_to_bar")
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
     # ------------------------------------------------------------------------------------------ steps
+    def _stage(self, name: str):
+        """A profiler range named ``train/<name>`` when stage profiling is on (a no-op otherwise: the range
+        costs a dispatcher call even with no profiler running)."""
+        if self.profile_stages:
+            return torch.profiler.record_function(f"train/{name}")
+        return contextlib.nullcontext()
+
     def active_sh_degree(self, iteration: int) -> int:
         return min(self.session.sh_degree, iteration // self.cfg.train.sh_increase_every)
 
@@ -136,53 +220,210 @@ class Trainer:
         final = self.cfg.optim.lr_final_factor
         return final ** (iteration / max(1, self.cfg.train.iterations)) if final != 1.0 else 1.0
 
+    def _set_lrs(self, factor: float, *, force: bool = False) -> None:
+        """Every group's lr = base * factor. On CUDA the groups' lrs are 0-d views of one device tensor, so
+        this is one kernel (and a captured optimiser step reads the current value)."""
+        if factor == self._lr_factor_set and not force:
+            return
+        self._lr_factor_set = factor
+        if self.device.type != "cuda":
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * factor
+            return
+        if self._lr_base is None:  # fused Adam reads a float32 lr tensor
+            self._lr_base = torch.tensor(self.base_lrs, dtype=torch.float32, device=self.device)  # [G]
+            self._lr_now = self._lr_base.clone()
+        if force:  # (re)bind: load_state_dict replaces the groups' lr entries
+            for g, group in enumerate(self.optimizer.param_groups):
+                group["lr"] = self._lr_now[g]
+        torch.mul(self._lr_base, factor, out=self._lr_now)
+
     def _sample(self) -> tuple[torch.Tensor, int]:
-        """Frame indices for one step: [B] or, with pairs, [2P] laid out as (t-1 of all pairs, t of all)."""
-        data = self.session.train_frames
-        bs = self.cfg.train.batch_size
-        if self.cfg.loss.w2_weight > 0 and len(data.pair_next) > 0:
-            pairs = max(1, bs // 2)
-            t = torch.randint(0, len(data.pair_next), (pairs,), generator=self.sampler)
-            prev, nxt = data.pair_prev[t], data.pair_next[t]
-            return torch.cat([prev, nxt]), pairs
-        return torch.randint(0, len(data), (bs,), generator=self.sampler), 0
+        """Frame indices for one step, on the frames' device: [B] or, with pairs, [2P] laid out as
+        (t-1 of all pairs, t of all)."""
+        draw = torch.randint(0, self._draw_range(), (self._draw_count(),), generator=self.sampler,
+                             device=self._frames_device)
+        return self._indices(draw), self._draw_count() if self._use_pairs else 0
+
+    def _draw_range(self) -> int:
+        return len(self._pair_next) if self._use_pairs else len(self.session.train_frames)
+
+    def _draw_count(self) -> int:
+        return max(1, self.cfg.train.batch_size // 2) if self._use_pairs else self.cfg.train.batch_size
+
+    def _indices(self, draw: torch.Tensor) -> torch.Tensor:
+        """Frame indices from the step's random draw [D]: the frames themselves, or adjacent pairs."""
+        return torch.cat([self._pair_prev[draw], self._pair_next[draw]]) if self._use_pairs else draw
 
     def step(self) -> dict[str, torch.Tensor]:
         """One optimisation step; returns the loss terms of this step (detached 0-d tensors: reading them as
         floats synchronises with the GPU, so the loop does that only when it logs)."""
-        cfg, it = self.cfg, self.iteration
-        factor = self._lr_factor(it)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * factor
-        idx, pairs = self._sample()
-        batch = self.session.train_frames.batch(idx, self.device)
-        self.avatar.active_sh_degree = self.active_sh_degree(it)
-        out = self.session.render(batch, sh_degree=self.active_sh_degree(it), want_residual=pairs > 0,
-                                  want_surface=cfg.loss.emd_weight > 0 and it >= cfg.loss.emd_from)
-        pred, gt = out["image"], batch["gt"]  # [B, H, W, 3]
-        terms: dict[str, torch.Tensor] = {}
-        lc = cfg.loss
-        terms["image"] = losses.huber(pred, gt, lc.huber_delta)
-        if lc.mouth_weight > 0:
-            terms["mouth"] = lc.mouth_weight * losses.huber(pred, gt, lc.huber_delta, mask=batch["mouth_mask"])
-        if self.perceptual is not None and it >= lc.perceptual_from:
-            head = batch["head_mask"][..., None]
-            terms["perceptual"] = lc.perceptual_weight * self.perceptual(pred * head, gt * head)
-        if pairs > 0 and it >= lc.w2_from:
-            res = out["residual"]
-            s0 = {k: v[:pairs] for k, v in res.items()}
-            s1 = {k: v[pairs:] for k, v in res.items()}
-            terms["w2"] = lc.w2_weight * losses.wasserstein_temporal(s0, s1, lc.w2_unit_scale)
-        if "surface" in out:
-            terms["emd"] = lc.emd_weight * self._emd_term(out["means"], out["surface"])
-        total = sum(terms.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        with self._matmul_precision():
+            self._set_lrs(self._lr_factor(self.iteration))
+            if self._graphs is not None:
+                return self._graph_step()
+            return self._eager_step()
+
+    @contextlib.contextmanager
+    def _matmul_precision(self):
+        """TF32 matmuls inside a CUDA training step when ``train.tf32`` (the MLP's GEMMs are most of the
+        step's arithmetic); the global setting is restored afterwards, so evaluation is unaffected."""
+        if self.device.type != "cuda" or not self.cfg.train.tf32:
+            yield
+            return
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+
+    def _eager_step(self) -> dict[str, torch.Tensor]:
+        it = self.iteration
+        with self._stage("data"):
+            idx, pairs = self._sample()
+        terms = self._forward_backward(idx, pairs, it)
+        with self._stage("optimizer"):
+            self.optimizer.step()
         self.iteration += 1
-        result = {k: v.detach() for k, v in terms.items()}
-        result["total"] = total.detach()
-        return result
+        self.graph_active = False
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _forward_backward(self, idx: torch.Tensor, pairs: int, it: int) -> dict[str, torch.Tensor]:
+        """Render frames ``idx`` [B], compute the loss terms of iteration ``it`` and their gradients; returns
+        the terms and their sum as "total". Host work only: no value is read back (a CUDA graph captures it)."""
+        cfg = self.cfg
+        with self._stage("data"):
+            batch = self.session.train_frames.batch(idx, self.device, frame_ids=False)
+        self.avatar.active_sh_degree = self.active_sh_degree(it)
+        with self._stage("forward"):
+            out = self.session.render(batch, sh_degree=self.active_sh_degree(it), want_residual=pairs > 0,
+                                      want_surface=cfg.loss.emd_weight > 0 and it >= cfg.loss.emd_from)
+        with self._stage("losses"):
+            pred, gt = out["image"], batch["gt"]  # [B, H, W, 3]
+            terms: dict[str, torch.Tensor] = {}
+            lc = cfg.loss
+            terms["image"] = losses.huber(pred, gt, lc.huber_delta)
+            if lc.mouth_weight > 0:
+                terms["mouth"] = lc.mouth_weight * losses.huber(pred, gt, lc.huber_delta, mask=batch["mouth_mask"])
+            if self.perceptual is not None and it >= lc.perceptual_from:
+                head = batch["head_mask"][..., None]
+                terms["perceptual"] = lc.perceptual_weight * self.perceptual(pred * head, gt * head)
+            if pairs > 0 and it >= lc.w2_from:
+                res = out["residual"]
+                s0 = {k: v[:pairs] for k, v in res.items()}
+                s1 = {k: v[pairs:] for k, v in res.items()}
+                terms["w2"] = lc.w2_weight * losses.wasserstein_temporal(s0, s1, lc.w2_unit_scale)
+            if "surface" in out:
+                terms["emd"] = lc.emd_weight * self._emd_term(out["means"], out["surface"])
+            terms["total"] = sum(terms.values())
+        with self._stage("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+        return terms
+
+    # ------------------------------------------------------------------------------------- CUDA graph
+    # With train.cuda_graph on a GPU, a step is one replay of a graph holding the whole step (batch gather,
+    # FLAME, MLP, rasteriser forward and backward, losses, Adam). Outside the graph per step: the frame draw
+    # (into the graph's static input, from the same generator as an eager step, so both draw the same
+    # frames), the lr tensor and the iteration counter. One graph per phase (SH degree, perceptual term on,
+    # W2 term on): a step in a new phase first runs GRAPH_WARMUP eager steps on a side stream, synchronised,
+    # (lazy initialisation; the rasteriser's intersection capacity settles) and then captures. Every
+    # train.cuda_graph_refresh iterations the same warm-up re-measures that capacity and recaptures if it
+    # moved (a capacity that is too small is still exact, only slower).
+
+    def _graph_blocker(self) -> str | None:
+        """Why this run's step is not captured in a CUDA graph (None when it is)."""
+        if self.device.type != "cuda":
+            return "eager: not a CUDA device"
+        if not self.cfg.train.cuda_graph:
+            return "eager: train.cuda_graph is off"
+        if self.cfg.loss.emd_weight > 0:
+            return "eager: the EMD term reads its convergence back on the host (loss.emd_weight > 0)"
+        if self._frames_device != self.device:
+            return "eager: the training frames did not fit in GPU memory"
+        if self.rasterizer_name != "ops":
+            return f"eager: the '{self.rasterizer_name}' rasteriser cannot be captured"
+        return None
+
+    def _phase(self, it: int) -> tuple[int, bool, bool]:
+        """What a captured step depends on besides its inputs: (SH degree, perceptual on, W2 on)."""
+        lc = self.cfg.loss
+        return (self.active_sh_degree(it), self.perceptual is not None and it >= lc.perceptual_from,
+                self._use_pairs and it >= lc.w2_from)
+
+    def _graph_reset(self) -> None:
+        self._graph_replay = None  # Callable: one replay
+        self._graph_key: tuple | None = None
+        self._graph_iteration = 0  # iteration of the last capture or capacity check
+        self._graph_draw: torch.Tensor | None = None  # static input [D]
+        self._graph_terms: torch.Tensor | None = None  # static output [T]
+        self._graph_names: list[str] = []
+        self._warmup_left: int | None = None
+        self._capacity_before: dict = {}
+        self.captures = 0
+
+    def _drop_graph(self) -> None:
+        if self._graph_replay is not None:
+            self._graph_replay = self._graph_draw = self._graph_terms = None
+            self._graph_key = None
+            self.optimizer.zero_grad(set_to_none=True)  # the grads live in the graph's memory pool
+
+    def _graph_step(self) -> dict[str, torch.Tensor]:
+        it, key = self.iteration, self._phase(self.iteration)
+        refresh = self.cfg.train.cuda_graph_refresh
+        due = refresh > 0 and it - self._graph_iteration >= refresh
+        if self._graph_replay is not None and key == self._graph_key and not due and self._warmup_left is None:
+            return self._replay()
+        if self._warmup_left is None:  # start a (re)capture: eager warm-up steps first
+            self._warmup_left = GRAPH_WARMUP
+            self._capacity_before = self._graphs.capacities()
+            if key != self._graph_key:
+                self._drop_graph()
+        if self._warmup_left > 0:
+            self._warmup_left -= 1
+            return self._graphs.warmup(self._eager_step)
+        self._warmup_left = None
+        if self._graph_replay is not None and key == self._graph_key and \
+                self._graphs.capacities() == self._capacity_before:
+            self._graph_iteration = it  # nothing moved: keep the graph
+            return self._replay()
+        self._drop_graph()
+        try:
+            self._capture(it, key)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: train on, eagerly
+            self._drop_graph()
+            self._graphs = None
+            self.graph_note = f"eager from iteration {it}: capture failed ({type(exc).__name__}: {exc})"
+            log.warning("train.cuda_graph: %s", self.graph_note)
+            return self._eager_step()
+        return self._replay()
+
+    def _capture(self, it: int, key: tuple) -> None:
+        self._graph_draw = torch.zeros(self._draw_count(), dtype=torch.long, device=self._frames_device)
+        self.optimizer.zero_grad(set_to_none=True)  # backward allocates the grads in the graph's pool
+
+        def body():
+            pairs = self._draw_count() if self._use_pairs else 0
+            terms = self._forward_backward(self._indices(self._graph_draw), pairs, it)
+            self.optimizer.step()
+            self._graph_names = list(terms)
+            self._graph_terms = torch.stack([v.detach() for v in terms.values()])
+
+        self._graph_replay = self._graphs.capture(body)
+        self._graph_key, self._graph_iteration = key, it
+        self.captures += 1
+        log.info("train.cuda_graph: captured the step at iteration %d (SH degree %d, perceptual %s, W2 %s)",
+                 it, *key)
+
+    def _replay(self) -> dict[str, torch.Tensor]:
+        # the same draw as _sample: randint(0, n, size) is empty(size).random_(0, n)
+        self._graph_draw.random_(0, self._draw_range(), generator=self.sampler)
+        self._graph_replay()
+        self.iteration += 1
+        self.graph_active = True
+        self.graph_note = f"replaying (captured {self.captures}x)"
+        return dict(zip(self._graph_names, self._graph_terms.clone().unbind()))
 
     @staticmethod
     def floats(terms: dict[str, torch.Tensor], iteration: int) -> dict[str, float]:
@@ -197,25 +438,52 @@ class Trainer:
         """EMD between a random subset of offset centres and the surface points of the same Gaussians."""
         n = means.shape[1]
         k = min(self.cfg.loss.emd_points, n)
-        pick = torch.randperm(n, generator=self.sampler)[:k]
-        pick = pick.pin_memory().to(means.device, non_blocking=True) if means.is_cuda else pick
+        pick = torch.randperm(n, generator=self.sampler, device=self.sampler.device)[:k]
+        if pick.device != means.device:  # frames (and so the sampler) on the CPU, model on the GPU
+            pick = pick.pin_memory().to(means.device, non_blocking=True)
         scale = self.cfg.loss.w2_unit_scale  # millimetres, like the W2 term
         return losses.emd(means[:, pick] * scale, surface[:, pick] * scale).mean()
 
-    @torch.no_grad()
     def test_loss(self) -> float:
         """Huber image loss on the first ``train.eval_frames`` test frames (full SH degree in use)."""
+        return self.evaluate()["test_loss"]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics on ``train.eval_frames`` evenly spaced test frames, means over frames: ``test_loss`` (the
+        Huber image loss), and as ``flashavatar render`` measures them (render clamped to [0, 1], head = the
+        pixels inside the head mask): ``test_psnr_head``, ``test_ssim_head``, ``test_psnr_full``."""
         data = self.session.test_frames
         n = min(len(data), self.cfg.train.eval_frames)
+        names = ("test_loss", "test_psnr_head", "test_ssim_head", "test_psnr_full")
         if n == 0:
-            return float("nan")
+            return dict.fromkeys(names, float("nan"))
         idx = torch.linspace(0, len(data) - 1, n).round().long()
-        total = 0.0
+        sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)  # [4], read back once
         for chunk in idx.split(max(1, self.cfg.train.batch_size)):
-            batch = data.batch(chunk, self.device)
+            batch = data.batch(chunk, self.device, frame_ids=False)
             out = self.session.render(batch, sh_degree=self.active_sh_degree(self.iteration))
-            total += float(losses.huber(out["image"], batch["gt"], self.cfg.loss.huber_delta)) * len(chunk)
-        return total / n
+            pred, gt, head = out["image"], batch["gt"], batch["head_mask"]  # [B, H, W, 3], [B, H, W]
+            clamped = pred.clamp(0, 1)
+            sums += torch.stack([losses.huber(pred, gt, self.cfg.loss.huber_delta) * len(chunk),
+                                 metrics.psnr(clamped, gt, head).sum(), metrics.ssim(clamped, gt, head).sum(),
+                                 metrics.psnr(clamped, gt).sum()]).double()
+        return dict(zip(names, (sums / n).tolist()))
+
+    def _record_eval(self, iteration: int, ev: dict[str, float], writer) -> None:
+        """History entry with the training time; notes the first time the head PSNR reaches the bar."""
+        self.history.append({"iteration": iteration, "train_seconds": self.train_seconds, **ev})
+        bar = self.cfg.train.psnr_bar
+        if self.time_to_bar is None and ev["test_psnr_head"] >= bar:
+            self.time_to_bar = {"seconds": self.train_seconds, "iteration": iteration, "bar": bar,
+                                "test_psnr_head": ev["test_psnr_head"], "test_ssim_head": ev["test_ssim_head"]}
+            log.info("test head PSNR %.2f dB >= %.1f dB after %.1f s of training (iteration %d)",
+                     ev["test_psnr_head"], bar, self.train_seconds, iteration)
+        if writer is not None:
+            writer.add_scalar("test/huber", ev["test_loss"], iteration)
+            for k in ("test_psnr_head", "test_ssim_head", "test_psnr_full"):
+                writer.add_scalar(f"test/{k[5:]}", ev[k], iteration)
+            writer.add_scalar("time/train_seconds", self.train_seconds, iteration)
 
     @torch.no_grad()
     def preview(self) -> Path:
@@ -243,12 +511,14 @@ class Trainer:
 
             bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="train", unit="it", dynamic_ncols=True)
         t0 = time.perf_counter()
+        start_iteration, start_seconds = self.iteration, self.train_seconds
+        clock = _TrainClock(self)  # training time: steps only, evaluation and I/O excluded
         interrupted = False
         timed_out = False
         smooth = None
         try:
             while self.iteration < end:
-                if cfg.max_minutes and time.perf_counter() - t0 > 60.0 * cfg.max_minutes:
+                if cfg.max_minutes and clock.seconds() - start_seconds > 60.0 * cfg.max_minutes:
                     timed_out = True
                     log.info("train.max_minutes=%g reached at iteration %d", cfg.max_minutes, self.iteration)
                     break
@@ -265,33 +535,59 @@ class Trainer:
                     if writer is not None:
                         for k, v in terms.items():
                             writer.add_scalar(f"loss/{k}", v, it)
-                if cfg.eval_every and it % cfg.eval_every == 0:
-                    tl = self.test_loss()
-                    self.history.append({"iteration": it, "test_loss": tl})
-                    if writer is not None:
-                        writer.add_scalar("test/huber", tl, it)
-                if cfg.preview_every and it % cfg.preview_every == 0:
-                    self.preview()
-                if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < end:
-                    self.save()
+                evaluate = cfg.eval_every and it % cfg.eval_every == 0
+                preview = cfg.preview_every and it % cfg.preview_every == 0
+                checkpoint = cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < end
+                if evaluate or preview or checkpoint:
+                    with clock.paused():
+                        if evaluate:
+                            self._record_eval(it, self.evaluate(), writer)
+                        if preview:
+                            self.preview()
+                        if checkpoint:
+                            self.save()
         except KeyboardInterrupt:
             interrupted = True
             log.warning("interrupted at iteration %d: saving a checkpoint", self.iteration)
         finally:
+            clock.stop()
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - t0
         test_end = None
+        final: dict[str, float] = {}
         if not interrupted and (self.iteration >= cfg.iterations or timed_out):
-            test_end = self.test_loss()
-            self.history.append({"iteration": self.iteration, "test_loss": test_end})
+            final = self.evaluate()
+            test_end = final["test_loss"]
+            if not (cfg.eval_every and self.history and self.history[-1].get("iteration") == self.iteration
+                    and "test_loss" in self.history[-1]):
+                self._record_eval(self.iteration, final, writer)
             if cfg.preview_every:
                 self.preview()
         path = self.save()
         if writer is not None:
             writer.close()
-        return TrainResult(self.iteration, interrupted, path, self.test_loss_start, test_end, self.history,
-                           seconds)
+        result = TrainResult(self.iteration, interrupted, path, self.test_loss_start, test_end, self.history,
+                             seconds, self.iteration - start_iteration, self.train_seconds, final, self.time_to_bar)
+        self._write_summary(result)
+        return result
+
+    def _write_summary(self, result: TrainResult) -> None:
+        """``<out>/train_summary.json``: speed, the evaluations over training time and the time to the bar."""
+        evals = [h for h in self.history if "test_psnr_head" in h]
+        best = max(evals, key=lambda h: h["test_psnr_head"], default=None)
+        summary = {
+            "iteration": result.iteration, "interrupted": result.interrupted,
+            "train_seconds": result.train_seconds, "wall_seconds_this_call": result.seconds,
+            "steps_this_call": result.steps,
+            "it_per_s": result.steps / result.seconds if result.seconds > 0 else None,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "cuda_graph": self.graph_note, "batch_size": self.cfg.train.batch_size,
+            "eval_frames": min(len(self.session.test_frames), self.cfg.train.eval_frames),
+            "psnr_bar": self.cfg.train.psnr_bar, "time_to_bar": self.time_to_bar,
+            "final": result.final_eval or None, "best": best, "evals": evals,
+        }
+        atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=1))
 
     def _tensorboard(self):
         if not self.cfg.train.tensorboard:
@@ -301,6 +597,37 @@ class Trainer:
         except ImportError:  # tensorboard is optional
             return None
         return SummaryWriter(str(self.out / "tensorboard"))
+
+
+class _TrainClock:
+    """Seconds spent training, accumulated into ``trainer.train_seconds``; ``paused()`` leaves out evaluation
+    and I/O. On CUDA the pause synchronises first, so queued steps count as training time."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.since: float | None = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.trainer.device.type == "cuda":
+            torch.cuda.synchronize(self.trainer.device)
+
+    def seconds(self) -> float:
+        running = time.perf_counter() - self.since if self.since is not None else 0.0
+        return self.trainer.train_seconds + running
+
+    def stop(self) -> None:
+        if self.since is not None:
+            self._sync()
+            self.trainer.train_seconds += time.perf_counter() - self.since
+            self.since = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.stop()
+        try:
+            yield
+        finally:
+            self.since = time.perf_counter()
 
 
 def load_model_state(avatar, ckpt: dict[str, Any], path: Path) -> None:
@@ -380,8 +707,23 @@ def report_training(trainer: Trainer, result: TrainResult) -> TrainResult:
         print(f"interrupted at iteration {result.iteration}; checkpoint saved to {result.checkpoint} "
               "(run the same command again to resume)")
     else:
-        its = (result.iteration / result.seconds) if result.seconds > 0 else math.nan
-        print(f"trained to iteration {result.iteration} in {result.seconds:.1f} s ({its:.2f} it/s); "
+        its = (result.steps / result.seconds) if result.seconds > 0 else math.nan
+        print(f"trained to iteration {result.iteration} in {result.seconds:.1f} s ({its:.2f} it/s; "
+              f"{result.train_seconds:.1f} s of training in all, evaluation excluded; {trainer.graph_note}); "
               f"test Huber loss {result.test_loss_start:.5f} -> {result.test_loss_end:.5f}; "
               f"checkpoint {result.checkpoint}")
+    bar = trainer.cfg.train.psnr_bar
+    if result.final_eval:
+        fe = result.final_eval
+        n = min(len(s.test_frames), trainer.cfg.train.eval_frames)
+        print(f"test ({n} frames): head PSNR {fe['test_psnr_head']:.2f} dB, SSIM {fe['test_ssim_head']:.4f}; "
+              f"full-frame PSNR {fe['test_psnr_full']:.2f} dB")
+    ttb = result.time_to_bar
+    evals = [h["test_psnr_head"] for h in result.history if "test_psnr_head" in h]
+    if ttb is not None:
+        print(f"time to the {bar:g} dB head-PSNR bar: {ttb['seconds']:.1f} s of training "
+              f"(iteration {ttb['iteration']}, {ttb['test_psnr_head']:.2f} dB)")
+    elif evals:
+        print(f"the {bar:g} dB head-PSNR bar was not reached (best {max(evals):.2f} dB over {len(evals)} "
+              "evaluations)")
     return result

@@ -142,3 +142,143 @@ def test_bad_data_paths_are_named(tmp_path, subject):
     os.remove(broken / "synthetic" / "imgs" / "00003.jpg")
     with pytest.raises(FileNotFoundError, match="00003.jpg"):
         Trainer(tiny_config(broken), tmp_path / "run", device="cpu")
+
+
+def test_resume_with_a_sampler_state_from_another_device_kind(subject, tmp_path, caplog):
+    # frames are sampled on the device that holds them: a CUDA run's checkpoint carries a 16-byte Philox
+    # state that a CPU generator cannot take (and back); resuming must go on with a fresh seed, not fail
+    over = {"train": {"iterations": 4}, "optim": {"lr_final_factor": 0.5}}
+    first = Trainer(tiny_config(subject, **over), tmp_path / "run", device="cpu")
+    first.run(max_steps=2)
+    ckpt = io_utils.load_checkpoint(first.ckpt_path)
+    ckpt["sampler"] = torch.zeros(16, dtype=torch.uint8)
+    io_utils.save_checkpoint(first.ckpt_path, ckpt)
+    with caplog.at_level("WARNING", logger="flashavatar.train"):
+        resumed = Trainer(tiny_config(subject, **over), tmp_path / "run", device="cpu")
+    assert resumed.iteration == 2
+    assert "sampler state is from another device kind" in caplog.text
+    resumed.run()
+    assert resumed.iteration == 4
+    # the group learning rates follow the schedule again after the optimiser state was loaded
+    assert resumed._lr_factor(3) < 1
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx(
+        [b * resumed._lr_factor(3) for b in resumed.base_lrs])
+
+
+class FakeGraphs:
+    """CPU stand-in for train._CudaGraphs: "capture" keeps the step's body and each "replay" runs it again,
+    which is what a CUDA graph does for a body that reads only its static inputs and device tensors (the
+    iteration it depends on is fixed at capture, as in a real graph)."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.captured, self.warmups, self.capacity = fail, 0, 0, 1
+
+    def warmup(self, step):
+        self.warmups += 1
+        return step()
+
+    def capture(self, body):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captured += 1
+        return body
+
+    def capacities(self):
+        return {"key": self.capacity}
+
+
+def _graph_run_config(root):
+    # phases change at 3 (SH degree 1), 5 (perceptual on) and 7 (W2 on); capacity re-checks every 4 steps
+    return tiny_config(root, train={"iterations": 16, "sh_increase_every": 3, "cuda_graph_refresh": 4},
+                       loss={"w2_weight": 0.05, "w2_from": 7, "perceptual_from": 5},
+                       optim={"lr_final_factor": 0.5})
+
+
+def test_cuda_graph_is_off_on_the_cpu(subject, tmp_path):
+    trainer = Trainer(tiny_config(subject, train={"cuda_graph": True}), tmp_path / "run", device="cpu")
+    assert trainer._graphs is None and "not a CUDA device" in trainer.graph_note
+    trainer.step()
+    assert not trainer.graph_active
+    with pytest.raises(ValueError, match="cuda_graph_refresh"):
+        tiny_config(subject, train={"cuda_graph_refresh": -1})
+
+
+def test_graph_steps_follow_the_phases_and_match_eager_steps(subject, tmp_path):
+    eager = Trainer(_graph_run_config(subject), tmp_path / "eager", device="cpu")
+    graphed = Trainer(_graph_run_config(subject), tmp_path / "graph", device="cpu")
+    fake = graphed._graphs = FakeGraphs()
+    replayed, captures = [], []
+    for it in range(16):
+        a, b = eager.step(), graphed.step()
+        replayed.append(graphed.graph_active)
+        captures.append(fake.captured)
+        assert set(a) == set(b), it  # the same loss terms in every phase
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), (it, k, a[k], b[k])
+    # 3 eager warm-up steps, capture at 3 (phase SH 1); perceptual at 5 -> warm-up 5-7, capture at 8 (W2 on
+    # since 7); capacity re-check due at 12: warm-up 12-14, capacity unchanged -> the same graph replays at 15
+    assert replayed == [False] * 3 + [True] * 2 + [False] * 3 + [True] * 4 + [False] * 3 + [True]
+    assert captures[-1] == 2 and captures[3] == 1 and captures[8] == 2
+    assert fake.warmups == 9 and eager.iteration == graphed.iteration == 16
+    a, b = _params(eager), _params(graphed)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+    assert torch.equal(eager.sampler.get_state(), graphed.sampler.get_state())  # the same frames were drawn
+
+
+def test_graph_recaptures_when_the_raster_capacity_moved(subject, tmp_path):
+    trainer = Trainer(_graph_run_config(subject), tmp_path / "run", device="cpu")
+    fake = trainer._graphs = FakeGraphs()
+    for _ in range(13):  # captures at 3 and 8; the re-check starts at 12
+        trainer.step()
+    fake.capacity = 2  # the warm-up steps measured another intersection count
+    for _ in range(3):
+        trainer.step()
+    assert fake.captured == 3 and trainer.graph_active
+
+
+def test_failed_capture_falls_back_to_eager_with_the_reason(subject, tmp_path, caplog):
+    eager = Trainer(_graph_run_config(subject), tmp_path / "eager", device="cpu")
+    trainer = Trainer(_graph_run_config(subject), tmp_path / "run", device="cpu")
+    trainer._graphs = FakeGraphs(fail=True)
+    with caplog.at_level("WARNING", logger="flashavatar.train"):
+        for _ in range(6):
+            a, b = eager.step(), trainer.step()
+            assert torch.allclose(a["total"], b["total"], rtol=1e-5)
+    assert trainer._graphs is None and not trainer.graph_active
+    assert "capture failed (RuntimeError: operation not permitted" in trainer.graph_note
+    assert "capture failed" in caplog.text
+
+
+def test_evaluation_records_head_psnr_over_training_time_and_the_time_to_the_bar(subject, tmp_path, capsys):
+    import json
+
+    from flashavatar import render
+    from flashavatar.train import report_training
+
+    cfg = tiny_config(subject, train={"iterations": 40, "eval_every": 20, "psnr_bar": 5.0})
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    result = report_training(trainer, trainer.run())
+    evals = [h for h in result.history if "test_psnr_head" in h]
+    assert [h["iteration"] for h in evals] == [20, 40]  # the final evaluation is not repeated
+    assert 0 < evals[0]["train_seconds"] < evals[1]["train_seconds"] <= result.train_seconds
+    # the same numbers as `flashavatar render` on those frames (mask, clamping, mean over frames)
+    same = render.evaluate(trainer.session, trainer.session.test_frames, write_frames=False)
+    assert result.final_eval["test_psnr_head"] == pytest.approx(same["mean"]["psnr_head"], rel=1e-5)
+    assert result.final_eval["test_ssim_head"] == pytest.approx(same["mean"]["ssim_head"], rel=1e-5)
+    assert result.final_eval["test_psnr_full"] == pytest.approx(same["mean"]["psnr_full"], rel=1e-5)
+    # a 5 dB bar is passed at the first evaluation
+    assert result.time_to_bar["iteration"] == 20 and result.time_to_bar["seconds"] == evals[0]["train_seconds"]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["time_to_bar"]["iteration"] == 20 and summary["psnr_bar"] == 5.0
+    assert summary["final"]["test_psnr_head"] == result.final_eval["test_psnr_head"]
+    assert "time to the 5 dB head-PSNR bar" in capsys.readouterr().out
+    # kept across a resume; an unreachable bar is reported as such
+    again = Trainer(tiny_config(subject, train={"iterations": 40, "psnr_bar": 99.0}), tmp_path / "run",
+                    device="cpu")
+    assert again.time_to_bar == result.time_to_bar and again.train_seconds == result.train_seconds
+    other = Trainer(tiny_config(subject, train={"iterations": 20, "eval_every": 20, "psnr_bar": 99.0}),
+                    tmp_path / "other", device="cpu")
+    res = report_training(other, other.run())
+    assert res.time_to_bar is None
+    assert "99 dB head-PSNR bar was not reached" in capsys.readouterr().out
