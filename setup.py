@@ -10,9 +10,12 @@ Install with ``pip install --no-build-isolation -e .`` so the extension is built
 
 import glob
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
+import tempfile
 from collections import Counter
 
 from setuptools import setup
@@ -53,7 +56,52 @@ def _cuda_wanted():
     return has_nvcc
 
 
+def _bundles_libstdcxx(cxx):
+    """True when ``cxx -shared`` links its own copy of libstdc++ into a shared object (False: the shared
+    libstdc++.so; None: could not tell). Some toolchain wrappers add -static-libstdc++. An extension built so
+    throws C++ exceptions (every bad-input error) with its own runtime while torch catches them with the
+    process's, and the process crashes instead of raising."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, so = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w") as fh:
+            fh.write('#include <stdexcept>\nvoid fa_probe(int x) { if (x) throw std::runtime_error("x"); }\n')
+        try:
+            if subprocess.run(shlex.split(cxx) + ["-shared", "-fPIC", src, "-o", so], capture_output=True,
+                              timeout=120).returncode != 0:
+                return None
+            out = subprocess.run(["nm", "-D", "--defined-only", so], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return None if out.returncode != 0 else " __cxa_throw" in out.stdout
+
+
+def _use_shared_cxx_runtime():
+    """Pick a C++ compiler that links libstdc++ as a shared library (see _bundles_libstdcxx): the configured
+    one (CXX, else Python's), else g++/c++ from the PATH or /usr/bin, with a note. Changes CC/CXX only then."""
+    configured = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    if _bundles_libstdcxx(configured) is not True:
+        return
+    seen = {configured}
+    for name in ("g++", "c++", "/usr/bin/g++", "/usr/bin/c++"):
+        path = shutil.which(name)
+        if not path or path in seen:
+            continue
+        seen.add(path)
+        if _bundles_libstdcxx(path) is False:
+            os.environ["CXX"] = path
+            cc = os.path.join(os.path.dirname(path), os.path.basename(path).replace("g++", "gcc").replace("c++", "cc"))
+            if os.path.exists(cc):
+                os.environ["CC"] = cc
+            print(f"flashavatar setup: {configured} links libstdc++ statically into shared objects, so C++ errors "
+                  f"would crash instead of raising; building with {path}", file=sys.stderr)
+            return
+    print(f"flashavatar setup: WARNING: {configured} links libstdc++ statically into shared objects and no other "
+          "C++ compiler was found: bad-input errors from the ops will crash the process. Set CXX to a compiler "
+          "that links the shared libstdc++.", file=sys.stderr)
+
+
 def get_extensions():
+    _use_shared_cxx_runtime()
     cuda_home = _find_cuda_home()
     if cuda_home and not os.environ.get("CUDA_HOME"):
         os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it

@@ -82,6 +82,7 @@ def main():
     parser.add_argument("--pot-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--no-geomloss", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="point clouds of another seed (same sizes)")
     parser.add_argument("--budget-s", type=float, default=200.0, help="skip the remaining GPU configs after this")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "the benchmark needs a CUDA GPU"
@@ -96,7 +97,7 @@ def main():
         if n > args.pot_max_n:
             continue
         for b in args.batches:
-            x, y = make_points(b, n)
+            x, y = make_points(b, n, seed=args.seed)
             for bi in range(b):
                 pot_jobs[(n, b, bi)] = pool.submit(pot_solve, (x[bi].numpy(), y[bi].numpy()))
 
@@ -111,6 +112,7 @@ def main():
 
     rows = []
     payload = {"device": device_name, "torch": torch.__version__, "host": platform.node(), "tol": args.tol,
+               "seed": args.seed,
                "geomloss": "SamplesLoss('sinkhorn', p=2, blur=0.01, backend='tensorized'), cost |x-y|^2/2 -> x2",
                "rows": rows}
     t_start = time.perf_counter()
@@ -119,7 +121,7 @@ def main():
             if time.perf_counter() - t_start > args.budget_s:
                 print(f"N={n} B={b}: skipped (time budget)", flush=True)
                 continue
-            x, y = make_points(b, n)
+            x, y = make_points(b, n, seed=args.seed)
             xc, yc = x.to(dev), y.to(dev)
             torch.cuda.reset_peak_memory_stats()
             ms, res = cuda_time(lambda: ops.emd(xc, yc, tol=args.tol, return_info=True, validate=False), args.repeats)

@@ -9,6 +9,7 @@
 #                                       the whole test split (metrics only) for the official head PSNR/SSIM
 #
 # Env: OUT, FRAMES (300), SIZE (512), N_TEST (100), TRAIN_MINUTES (3), TRAIN_SET (extra "--set k=v" words),
+# TRAIN_RUNS (several runs: "name:--set k=v ...;name2:..."),
 # BENCH_ARGS (extra bench_train_step.py arguments), WORK (scratch, default /tmp/fa_train).
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -38,22 +39,30 @@ elif [ "$stage" = train ]; then
   [ -d "$DATA/synthetic" ] || python3 -m flashavatar.cli synth "$DATA" --frames "$FRAMES" --size "$SIZE" \
     >"$OUT/synth.log" 2>&1 || { tail -20 "$OUT/synth.log"; exit 1; }
   echo "subject ready: $(( $(date +%s) - t0 ))s"
-  RUN="$WORK/run_gpu"
-  rm -rf "$RUN"
-  python3 -m flashavatar.cli train --data "$DATA" --subject synthetic --out "$RUN" --preset gpu --no-progress \
-    --set data.n_test="$N_TEST" --set train.max_minutes="${TRAIN_MINUTES:-3}" --set train.tensorboard=false \
-    ${TRAIN_SET:-} 2>&1 | tee "$OUT/train.log" | grep -v "^INFO flashavatar.rasterize"
-  cp "$RUN/train_summary.json" "$RUN/config.yaml" "$OUT/" 2>/dev/null
-  python3 - "$RUN/train_summary.json" <<'EOF'
+  # TRAIN_RUNS: runs one after another, "name:extra --set words" separated by ";" (default: one run, the preset)
+  IFS=';' read -ra RUNS <<<"${TRAIN_RUNS:-gpu:${TRAIN_SET:-}}"
+  for spec in "${RUNS[@]}"; do
+    name=${spec%%:*}; extra=${spec#*:}
+    RUN="$WORK/run_$name"
+    rm -rf "$RUN"
+    echo "== run $name: ${extra:-gpu preset}"
+    # shellcheck disable=SC2086
+    python3 -m flashavatar.cli train --data "$DATA" --subject synthetic --out "$RUN" --preset gpu --no-progress \
+      --set data.n_test="$N_TEST" --set train.max_minutes="${TRAIN_MINUTES:-3}" --set train.tensorboard=false \
+      $extra 2>&1 | grep -v "^INFO flashavatar.rasterize" >"$OUT/train_$name.log"
+    tail -4 "$OUT/train_$name.log"
+    cp "$RUN/train_summary.json" "$OUT/train_summary_$name.json" 2>/dev/null
+    python3 - "$RUN/train_summary.json" <<'PYEOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
 print("train seconds | iteration | head PSNR | head SSIM | full PSNR")
-for e in s["evals"]:
+for e in s["evals"][::4] + s["evals"][-1:]:
     print(f"{e['train_seconds']:13.1f} | {e['iteration']:9d} | {e['test_psnr_head']:9.2f} | "
           f"{e['test_ssim_head']:9.4f} | {e['test_psnr_full']:9.2f}")
 print("time to bar:", s["time_to_bar"], "| it/s (wall, this call):", s["it_per_s"], "|", s["cuda_graph"])
-EOF
-  python3 -m flashavatar.cli render --run "$RUN" --out "$WORK/eval" --no-frames --no-video 2>&1 \
-    | tee "$OUT/render.log" | tail -6
+PYEOF
+    python3 -m flashavatar.cli render --run "$RUN" --out "$WORK/eval_$name" --no-frames --no-video 2>&1 \
+      | grep -v "render:" >"$OUT/render_$name.log"; grep "test split" "$OUT/render_$name.log"
+  done
 fi
 echo "total: $(( $(date +%s) - t0 ))s"

@@ -50,6 +50,7 @@ class LossConfig:
     perceptual_from: int = 15000  # iteration where the perceptual (SSIM or LPIPS) term starts
     perceptual: str = "auto"  # "auto" (LPIPS-VGG if weights are local, else SSIM), "ssim", "lpips", "none"
     lpips_weights: str | None = None  # path to local LPIPS-VGG weights; never downloaded
+    ssim_blur: str = "conv"  # the SSIM term's blur: "conv" or "matmul64" (float64 banded GEMMs; see metrics.ssim_map)
     w2_weight: float = 0.0  # Wasserstein temporal regulariser (SPEC 4); off by default until the ablation says so
     w2_from: int = 2000
     w2_unit_scale: float = 1000.0  # metres -> millimetres so the Bures term is well above float precision
@@ -234,6 +235,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config: data.background must be green, white or black, got '{cfg.data.background}'")
     if l.perceptual not in ("auto", "ssim", "lpips", "none"):
         raise ValueError(f"config: loss.perceptual must be auto, ssim, lpips or none, got '{l.perceptual}'")
+    if l.ssim_blur not in ("conv", "matmul64"):
+        raise ValueError(f"config: loss.ssim_blur must be 'conv' or 'matmul64', got {l.ssim_blur!r}")
     if l.w2_weight < 0 or l.emd_weight < 0:
         raise ValueError("config: loss.w2_weight and loss.emd_weight must be >= 0")
     if t.cuda_graph_refresh < 0:

@@ -27,9 +27,10 @@ def huber(pred: torch.Tensor, gt: torch.Tensor, delta: float = 0.1,
     return F.huber_loss(pred * mask, gt * mask, delta=delta)
 
 
-def ssim_loss(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """1 - SSIM, averaged over images (and over ``mask`` pixels)."""
-    return (1.0 - metrics.ssim(pred, gt, mask)).mean()
+def ssim_loss(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None,
+              blur: str = "conv") -> torch.Tensor:
+    """1 - SSIM, averaged over images (and over ``mask`` pixels); ``blur``: see :func:`metrics.ssim_map`."""
+    return (1.0 - metrics.ssim(pred, gt, mask, blur=blur)).mean()
 
 
 # ------------------------------------------------------------------------------------------- transport

@@ -45,37 +45,67 @@ def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
     return g / g.sum()
 
 
-def ssim_map(pred: torch.Tensor, gt: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def _blur_matrix(n: int, g: torch.Tensor, mode: str) -> torch.Tensor:
+    """``[n, n]`` matrix of the 1-D filter ``g`` (odd length) with 'same' padding by ``mode`` folded in:
+    ``M @ v`` equals ``conv1d(pad(v, mode), g)``. Built from device ops alone (no host copy: CUDA-graph safe)."""
+    pad = g.numel() // 2
+    src = torch.arange(n, device=g.device)[:, None] + torch.arange(g.numel(), device=g.device)[None, :] - pad
+    if mode == "reflect":  # PyTorch's reflect leaves the edge sample out: -1 -> 1, n -> n - 2
+        src = torch.where(src < 0, -src, src)
+        src = torch.where(src > n - 1, 2 * (n - 1) - src, src)
+    else:  # replicate
+        src = src.clamp(0, n - 1)
+    onehot = (src[:, :, None] == torch.arange(n, device=g.device)).to(g.dtype)  # [n out, taps, n in]
+    return torch.einsum("k,okj->oj", g, onehot)
+
+
+SSIM_BLURS = ("conv", "matmul64")
+
+
+def ssim_map(pred: torch.Tensor, gt: torch.Tensor, window: int = 11, sigma: float = 1.5,
+             blur: str = "conv") -> torch.Tensor:
     """Per-pixel SSIM (Wang et al. 2004; Gaussian window 11, sigma 1.5, 'same' padding by reflection).
 
     pred, gt: [..., H, W, C] in [0, 1]  ->  [..., H, W] (mean over channels).
+    ``blur``: how the separable Gaussian blur runs. "conv": two 1-D convolutions. "matmul64": banded ``[H, H]``
+    and ``[W, W]`` matrices with the padding folded in, applied as float64 GEMMs (a few large GEMMs instead of
+    single-channel convolutions and pads; float64 because the variances below are differences of blurred values,
+    E[x^2] - E[x]^2, and a TF32 GEMM's 10-bit mantissa turned them into noise: training diverged). Same values
+    up to float32 rounding.
     """
     if pred.shape != gt.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must have the same shape")
+    if blur not in SSIM_BLURS:
+        raise ValueError(f"ssim_map: blur must be one of {SSIM_BLURS}, got {blur!r}")
     lead, (h, w, c) = pred.shape[:-3], pred.shape[-3:]
-    x = pred.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, 1, h, w)  # [B*C, 1, H, W]
-    y = gt.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, 1, h, w)
+    x = pred.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, h, w)  # [B*C, H, W]
+    y = gt.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, h, w)
     g = _gaussian_window(window, sigma, pred.device, pred.dtype)
     pad = window // 2
     mode = "reflect" if min(h, w) > pad else "replicate"
-
-    def blur(t: torch.Tensor) -> torch.Tensor:  # separable Gaussian filter
-        t = F.pad(t, (pad, pad, pad, pad), mode=mode)
-        t = F.conv2d(t, g.view(1, 1, 1, -1))
-        return F.conv2d(t, g.view(1, 1, -1, 1))
+    stacked = torch.stack((x, y, x * x, y * y, x * y))  # [5, B*C, H, W]: every blurred quantity in one go
+    if blur == "matmul64":
+        g64 = g.to(torch.float64)
+        blurred = (_blur_matrix(h, g64, mode) @ stacked.to(torch.float64) @ _blur_matrix(w, g64, mode).t())
+        blurred = blurred.to(pred.dtype)
+    else:
+        t = F.pad(stacked.reshape(-1, 1, h, w), (pad, pad, pad, pad), mode=mode)
+        t = F.conv2d(F.conv2d(t, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+        blurred = t.view(stacked.shape)
+    mu_x, mu_y, bxx, byy, bxy = blurred.unbind(0)
 
     c1, c2 = 0.01**2, 0.03**2
-    mu_x, mu_y = blur(x), blur(y)
-    sxx = blur(x * x) - mu_x**2
-    syy = blur(y * y) - mu_y**2
-    sxy = blur(x * y) - mu_x * mu_y
+    sxx = bxx - mu_x**2
+    syy = byy - mu_y**2
+    sxy = bxy - mu_x * mu_y
     s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
     return s.reshape(-1, c, h, w).mean(dim=1).reshape(*lead, h, w)
 
 
-def ssim(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean SSIM per image: [..., H, W, C] -> [...]; averaged over ``mask`` pixels if given."""
-    s = ssim_map(pred, gt)
+def ssim(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None, blur: str = "conv") -> torch.Tensor:
+    """Mean SSIM per image: [..., H, W, C] -> [...]; averaged over ``mask`` pixels if given (``blur``: see
+    :func:`ssim_map`)."""
+    s = ssim_map(pred, gt, blur=blur)
     if mask is None:
         return s.mean(dim=(-2, -1))
     m = _mask_hw1(mask, pred)[..., 0]

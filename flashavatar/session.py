@@ -26,13 +26,15 @@ CODE_KEYS = ("shape", "expr", "jaw", "eyes", "eyelids")
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
+    """The device to run on; "cuda" gets its index (cuda:N) so that it compares equal to tensors' devices."""
     if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' requested but CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device '{name}' requested but CUDA is not available on this machine (use --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

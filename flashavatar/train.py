@@ -160,7 +160,8 @@ class Trainer:
         if kind == "lpips" or (kind == "auto" and metrics.lpips_weights_available(self.cfg.loss.lpips_weights)):
             net = metrics.LPIPS(self.cfg.loss.lpips_weights).to(self.device)
             return lambda pred, gt: net(pred, gt).mean()
-        return losses.ssim_loss
+        blur = self.cfg.loss.ssim_blur
+        return lambda pred, gt: losses.ssim_loss(pred, gt, blur=blur)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:

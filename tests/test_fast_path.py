@@ -1,6 +1,7 @@
 """The fast animate path (flashavatar.animate): same Gaussians as GaussianAvatar.forward in float32, reduced-
 precision MLPs within 45 dB PSNR of float32 renders, CUDA-graph replay equal to the eager step."""
 
+import copy
 import math
 
 import pytest
@@ -23,7 +24,9 @@ def trained_like(head, *, parity=False, uv_size=32, seed=0) -> GaussianAvatar:
     """An avatar whose MLP output, rotations, scales, opacities and colours all matter for the image."""
     flame, template = head
     torch.manual_seed(seed)
-    a = GaussianAvatar(flame, template, uv_size=uv_size, parity=parity, offset_scale=0.01,
+    # a copy of the module-scoped FLAME: `avatar.to("cuda")` moves its FLAME in place, which would leave the
+    # fixture's FLAME on the GPU for the tests that follow
+    a = GaussianAvatar(copy.deepcopy(flame), template, uv_size=uv_size, parity=parity, offset_scale=0.01,
                        shape=0.5 * torch.randn(flame.n_shape))
     with torch.no_grad():
         a.mlp_out.weight.normal_(0, 0.05)

@@ -55,14 +55,34 @@ def _ssim_reference(x: np.ndarray, y: np.ndarray) -> float:
     return out.mean()
 
 
-def test_ssim_against_direct_reference():
+@pytest.mark.parametrize("blur", metrics.SSIM_BLURS)
+def test_ssim_against_direct_reference(blur):
     torch.manual_seed(1)
     x = torch.rand(1, 20, 17, 1, dtype=torch.float64)
     y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
-    ours = metrics.ssim(x, y).item()
+    ours = metrics.ssim(x, y, blur=blur).item()
     assert ours == pytest.approx(_ssim_reference(x[0, ..., 0].numpy(), y[0, ..., 0].numpy()), abs=1e-6)
     assert metrics.ssim(x, x).item() == pytest.approx(1.0, abs=1e-9)
     assert metrics.ssim(x, y).item() < 0.99
+
+
+@pytest.mark.parametrize("size", [(20, 17), (6, 4)])  # reflect padding; replicate (image smaller than the window)
+def test_ssim_blurs_agree_in_values_and_gradients(size):
+    """The banded-matrix blur equals the two 1-D convolutions: values and gradients, float64 and float32."""
+    torch.manual_seed(2)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        x = torch.rand(2, *size, 3, dtype=dtype, requires_grad=True)
+        y = torch.rand(2, *size, 3, dtype=dtype)
+        cot = torch.randn(2, *size, dtype=dtype)
+        maps = [metrics.ssim_map(x, y, blur=b) for b in ("conv", "matmul64")]
+        assert maps[1].dtype == dtype
+        torch.testing.assert_close(maps[1], maps[0], rtol=0, atol=tol)
+        grads = [torch.autograd.grad((m * cot).sum(), x)[0] for m in maps]
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=tol * 10)
+    with pytest.raises(ValueError, match="blur"):
+        metrics.ssim_map(x, y, blur="fft")
+    with pytest.raises(ValueError, match="ssim_blur"):
+        config_mod.make_config("cpu", overrides={"loss": {"ssim_blur": "fft"}})
 
 
 def _random_quats(*shape):

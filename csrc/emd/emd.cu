@@ -59,6 +59,7 @@ struct AuctionWork {
   // certificates), counts, and the scan and bid parts of the first two kinds; filled
   // only when FLASHAVATAR_EMD_PROFILE=1 (a diagnostic: where a solve's time goes)
   long long* profile;
+  double init_frac;  // initial eps / cost bound (initial_eps_fraction())
 };
 
 __device__ __forceinline__ BestTwo warp_reduce_best_two(BestTwo bt) {
@@ -320,7 +321,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
   rx = block_reduce(rx, true, s_red);
   ry = block_reduce(ry, true, s_red);
   const double cmax = cost_bound(rx, ry, p);
-  double eps = initial_eps(cmax);
+  double eps = initial_eps(cmax, w.init_frac);
   if (tid == 0) s_count = n, s_next = 0;
   __syncthreads();
   long long rounds = 0;
@@ -581,6 +582,7 @@ EmdOutputs emd_forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, cons
   w.gap = gap.data_ptr<double>();
   w.status = status.data_ptr<int>();
   w.rounds = reinterpret_cast<long long*>(rounds.data_ptr<int64_t>());
+  w.init_frac = initial_eps_fraction();
   // Diagnostic (FLASHAVATAR_EMD_PROFILE=1): per item, where the kernel's cycles went, printed to stderr.
   static const bool profile_on = [] {
     const char* v = std::getenv("FLASHAVATAR_EMD_PROFILE");

@@ -49,7 +49,7 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
     ry = std::max(ry, std::sqrt(static_cast<double>(ground_cost<DIM, scalar_t>(y + static_cast<long>(i) * d, x, d, 2))));
   }
   const double cmax = cost_bound(rx, ry, p);
-  double eps = initial_eps(cmax);
+  double eps = initial_eps(cmax, initial_eps_fraction());
   cur.resize(n);
   for (int i = 0; i < n; ++i) cur[i] = i;
   for (int phase = 0;; ++phase) {
