@@ -8,7 +8,7 @@
 #                                     rasteriser benchmark vs gsplat
 #   benchmarks/gpu_run_all.sh speed   build (unless built), the EMD benchmark (POT, geomloss), the end-to-end
 #                                     animation benchmark (vs the gsplat pipeline)
-#   benchmarks/gpu_run_all.sh step    build (unless built), training-step benchmark (eager vs graph)
+#   benchmarks/gpu_run_all.sh step    benchmarks/gpu_run_train.sh step (training tests, eager vs graph steps)
 #   benchmarks/gpu_run_all.sh debug   build, a raw op's bad-input error, training steps from iteration 0 with
 #                                     CUDA_LAUNCH_BLOCKING=1 (compute-sanitizer when they fail), the test suite
 set -o pipefail
@@ -81,10 +81,7 @@ elif [ "$stage" = speed ]; then
   timeout ${E2E_TIMEOUT:-270} python3 benchmarks/bench_end_to_end.py --out "$OUT/end_to_end.json" $GS \
     --max-seconds 180 2>&1 | tee "$OUT/end_to_end.log" | grep -v "^  batch"
   echo "e2e: $(elapsed)"
-elif [ "$stage" = step ]; then
-  timeout ${STEP_TIMEOUT:-200} python3 benchmarks/bench_train_step.py --data /tmp/fa_step --out "$OUT" 2>&1 \
-    | grep -v "USDT\|DeviceProperties" | tee "$OUT/bench_train_step.log" | tail -40
-elif [ "$stage" = train ]; then
-  bash benchmarks/gpu_run_train.sh train
+elif [ "$stage" = step ] || [ "$stage" = train ]; then
+  bash benchmarks/gpu_run_train.sh "$stage"
 fi
 echo "total: $(elapsed)"

@@ -235,8 +235,10 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config: data.background must be green, white or black, got '{cfg.data.background}'")
     if l.perceptual not in ("auto", "ssim", "lpips", "none"):
         raise ValueError(f"config: loss.perceptual must be auto, ssim, lpips or none, got '{l.perceptual}'")
-    if l.ssim_blur not in ("conv", "matmul64"):
-        raise ValueError(f"config: loss.ssim_blur must be 'conv' or 'matmul64', got {l.ssim_blur!r}")
+    from .metrics import SSIM_BLURS  # here, not at the top: the config module stays free of torch
+
+    if l.ssim_blur not in SSIM_BLURS:
+        raise ValueError(f"config: loss.ssim_blur must be one of {SSIM_BLURS}, got {l.ssim_blur!r}")
     if l.w2_weight < 0 or l.emd_weight < 0:
         raise ValueError("config: loss.w2_weight and loss.emd_weight must be >= 0")
     if t.cuda_graph_refresh < 0:

@@ -86,8 +86,9 @@ def ssim_map(pred: torch.Tensor, gt: torch.Tensor, window: int = 11, sigma: floa
     stacked = torch.stack((x, y, x * x, y * y, x * y))  # [5, B*C, H, W]: every blurred quantity in one go
     if blur == "matmul64":
         g64 = g.to(torch.float64)
-        blurred = (_blur_matrix(h, g64, mode) @ stacked.to(torch.float64) @ _blur_matrix(w, g64, mode).t())
-        blurred = blurred.to(pred.dtype)
+        rows = _blur_matrix(h, g64, mode)
+        cols = rows if w == h else _blur_matrix(w, g64, mode)
+        blurred = (rows @ stacked.to(torch.float64) @ cols.t()).to(pred.dtype)
     else:
         t = F.pad(stacked.reshape(-1, 1, h, w), (pad, pad, pad, pad), mode=mode)
         t = F.conv2d(F.conv2d(t, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
