@@ -10,7 +10,8 @@
 #
 # Env: OUT, FRAMES (300), SIZE (512), N_TEST (100), TRAIN_MINUTES (3), TRAIN_SET (extra "--set k=v" words),
 # TRAIN_RUNS (several runs: "name:--set k=v ...;name2:..."),
-# BENCH_ARGS (extra bench_train_step.py arguments), WORK (scratch, default /tmp/fa_train).
+# BENCH_ARGS (extra bench_train_step.py arguments), WORK (scratch, default /tmp/fa_train),
+# BENCH_TRAINED=1 (after each run, `flashavatar bench` on the trained avatar: bf16, batches 1/16/64, our rasteriser).
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
@@ -63,6 +64,11 @@ print("time to bar:", s["time_to_bar"], "| it/s (wall, this call):", s["it_per_s
 PYEOF
     python3 -m flashavatar.cli render --run "$RUN" --out "$WORK/eval_$name" --no-frames --no-video 2>&1 \
       | grep -v "render:" >"$OUT/render_$name.log"; grep "test split" "$OUT/render_$name.log"
+    if [ -n "${BENCH_TRAINED:-}" ]; then
+      timeout 200 python3 -m flashavatar.cli bench --run "$RUN" --dtypes bf16 --batch-sizes 1 16 64 --no-gsplat \
+        --out "$OUT/end_to_end_trained_$name.json" 2>&1 | grep -v "Warning\|warn" >"$OUT/bench_trained_$name.log"
+      grep -i "graph\|fps" "$OUT/bench_trained_$name.log" | head -20
+    fi
   done
 fi
 echo "total: $(( $(date +%s) - t0 ))s"

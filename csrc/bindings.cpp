@@ -16,6 +16,7 @@
 #include "assembly/assembly.h"
 #include "flame/flame_lbs.h"
 // ---- end assembly headers ----
+#include "ssim/ssim.h"
 
 TORCH_LIBRARY(flashavatar, m) {
   // ---- rasterizer schemas ----
@@ -58,6 +59,10 @@ TORCH_LIBRARY(flashavatar, m) {
   m.def("flame_lbs(Tensor shape, Tensor expr, Tensor jaw, Tensor eyes, Tensor eyelids, Tensor dirs, Tensor base, "
         "Tensor lbs_weights, Tensor eyelid_dirs, bool use_eyelids) -> Tensor");
   // ---- end assembly schemas ----
+  // Shapes: csrc/ssim/ssim.h. ssim_fwd -> (ssim_map [N, H, W], moments [5, N, H, W, C] or [0]).
+  m.def("ssim_fwd(Tensor pred, Tensor gt, float sigma, bool keep_moments) -> (Tensor, Tensor)");
+  m.def("ssim_bwd(Tensor grad_map, Tensor pred, Tensor gt, Tensor moments, float sigma, bool need_pred, "
+        "bool need_gt) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(flashavatar, CPU, m) {
@@ -76,6 +81,8 @@ TORCH_LIBRARY_IMPL(flashavatar, CPU, m) {
   m.impl("gaussian_assembly_backward", &flashavatar::gaussian_assembly_backward_cpu);
   m.impl("flame_lbs", &flashavatar::flame_lbs_cpu);
   // ---- end assembly CPU ----
+  m.impl("ssim_fwd", &flashavatar::ssim_fwd_cpu);
+  m.impl("ssim_bwd", &flashavatar::ssim_bwd_cpu);
 }
 
 #ifdef WITH_CUDA
@@ -95,6 +102,8 @@ TORCH_LIBRARY_IMPL(flashavatar, CUDA, m) {
   m.impl("gaussian_assembly_backward", &flashavatar::gaussian_assembly_backward_cuda);
   m.impl("flame_lbs", &flashavatar::flame_lbs_cuda);
   // ---- end assembly CUDA ----
+  m.impl("ssim_fwd", &flashavatar::ssim_fwd_cuda);
+  m.impl("ssim_bwd", &flashavatar::ssim_bwd_cuda);
 }
 #endif
 

@@ -50,7 +50,7 @@ class LossConfig:
     perceptual_from: int = 15000  # iteration where the perceptual (SSIM or LPIPS) term starts
     perceptual: str = "auto"  # "auto" (LPIPS-VGG if weights are local, else SSIM), "ssim", "lpips", "none"
     lpips_weights: str | None = None  # path to local LPIPS-VGG weights; never downloaded
-    ssim_blur: str = "conv"  # the SSIM term's blur: "conv" or "matmul64" (float64 banded GEMMs; see metrics.ssim_map)
+    ssim_blur: str = "auto"  # the SSIM term: "auto" (fused kernel where it applies), "fused", "conv", "matmul64"
     w2_weight: float = 0.0  # Wasserstein temporal regulariser (SPEC 4); off by default until the ablation says so
     w2_from: int = 2000
     w2_unit_scale: float = 1000.0  # metres -> millimetres so the Bures term is well above float precision

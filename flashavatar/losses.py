@@ -28,7 +28,7 @@ def huber(pred: torch.Tensor, gt: torch.Tensor, delta: float = 0.1,
 
 
 def ssim_loss(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None,
-              blur: str = "conv") -> torch.Tensor:
+              blur: str = "auto") -> torch.Tensor:
     """1 - SSIM, averaged over images (and over ``mask`` pixels); ``blur``: see :func:`metrics.ssim_map`."""
     return (1.0 - metrics.ssim(pred, gt, mask, blur=blur)).mean()
 

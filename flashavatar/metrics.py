@@ -59,15 +59,17 @@ def _blur_matrix(n: int, g: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.einsum("k,okj->oj", g, onehot)
 
 
-SSIM_BLURS = ("conv", "matmul64")
+SSIM_BLURS = ("auto", "fused", "conv", "matmul64")
 
 
 def ssim_map(pred: torch.Tensor, gt: torch.Tensor, window: int = 11, sigma: float = 1.5,
-             blur: str = "conv") -> torch.Tensor:
+             blur: str = "auto") -> torch.Tensor:
     """Per-pixel SSIM (Wang et al. 2004; Gaussian window 11, sigma 1.5, 'same' padding by reflection).
 
     pred, gt: [..., H, W, C] in [0, 1]  ->  [..., H, W] (mean over channels).
-    ``blur``: how the separable Gaussian blur runs. "conv": two 1-D convolutions. "matmul64": banded ``[H, H]``
+    ``blur``: how the SSIM runs. "fused": the compiled op (``flashavatar.ops.fused_ssim_map``: one kernel
+    forward, one backward; window 11, H and W > 5). "auto": "fused" where it applies, else "conv".
+    "conv": two 1-D convolutions (the reference formulation). "matmul64": banded ``[H, H]``
     and ``[W, W]`` matrices with the padding folded in, applied as float64 GEMMs (a few large GEMMs instead of
     single-channel convolutions and pads; float64 because the variances below are differences of blurred values,
     E[x^2] - E[x]^2, and a TF32 GEMM's 10-bit mantissa turned them into noise: training diverged). Same values
@@ -77,6 +79,16 @@ def ssim_map(pred: torch.Tensor, gt: torch.Tensor, window: int = 11, sigma: floa
         raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must have the same shape")
     if blur not in SSIM_BLURS:
         raise ValueError(f"ssim_map: blur must be one of {SSIM_BLURS}, got {blur!r}")
+    if blur in ("auto", "fused"):
+        from .ops.ssim import fused_ssim_map, fused_ssim_supported  # lazy: metrics stays importable alone
+
+        if window == 11 and fused_ssim_supported(pred):
+            return fused_ssim_map(pred, gt, sigma)
+        if blur == "fused":
+            raise ValueError(f"ssim_map: blur='fused' needs window 11, images of at least 6 x 6 pixels in float32/64 "
+                             f"and the compiled extension for {pred.device.type}; got window {window}, "
+                             f"{list(pred.shape)} {pred.dtype}")
+        blur = "conv"
     lead, (h, w, c) = pred.shape[:-3], pred.shape[-3:]
     x = pred.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, h, w)  # [B*C, H, W]
     y = gt.reshape(-1, h, w, c).permute(0, 3, 1, 2).reshape(-1, h, w)
@@ -103,7 +115,7 @@ def ssim_map(pred: torch.Tensor, gt: torch.Tensor, window: int = 11, sigma: floa
     return s.reshape(-1, c, h, w).mean(dim=1).reshape(*lead, h, w)
 
 
-def ssim(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None, blur: str = "conv") -> torch.Tensor:
+def ssim(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None, blur: str = "auto") -> torch.Tensor:
     """Mean SSIM per image: [..., H, W, C] -> [...]; averaged over ``mask`` pixels if given (``blur``: see
     :func:`ssim_map`)."""
     s = ssim_map(pred, gt, blur=blur)

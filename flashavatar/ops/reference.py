@@ -218,3 +218,11 @@ def gaussian_assembly_reference(verts: torch.Tensor, faces: torch.Tensor, baryce
     n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     frame = matrix_to_quat(torch.stack((e1, torch.cross(n, e1, dim=-1), n), dim=-1))  # columns e1, n x e1, n
     return means, quat_multiply(frame, q_local), torch.exp(log_scale + raw[..., 7:10]), q_local
+
+
+def ssim_map_reference(pred: torch.Tensor, gt: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM map of the fused op in pure PyTorch: ``metrics.ssim_map(blur="conv")`` (reflection pad, two 1-D
+    Gaussian convolutions, the closed form per pixel). ``pred, gt [..., H, W, C]`` -> ``[..., H, W]``."""
+    from .. import metrics  # lazy: metrics imports the ops package for its fused path
+
+    return metrics.ssim_map(pred, gt, sigma=sigma, blur="conv")
