@@ -11,6 +11,7 @@
 # Env: OUT, FRAMES (300), SIZE (512), N_TEST (100), TRAIN_MINUTES (3), TRAIN_SET (extra "--set k=v" words),
 # TRAIN_RUNS (several runs: "name:--set k=v ...;name2:..."),
 # BENCH_ARGS (extra bench_train_step.py arguments), WORK (scratch, default /tmp/fa_train),
+# PARALLEL=1 (train the TRAIN_RUNS concurrently; quality only, not speed),
 # BENCH_TRAINED=1 (after each run, `flashavatar bench` on the trained avatar: bf16, batches 1/16/64, our rasteriser).
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -40,17 +41,20 @@ elif [ "$stage" = train ]; then
   [ -d "$DATA/synthetic" ] || python3 -m flashavatar.cli synth "$DATA" --frames "$FRAMES" --size "$SIZE" \
     >"$OUT/synth.log" 2>&1 || { tail -20 "$OUT/synth.log"; exit 1; }
   echo "subject ready: $(( $(date +%s) - t0 ))s"
-  # TRAIN_RUNS: runs one after another, "name:extra --set words" separated by ";" (default: one run, the preset)
+  # TRAIN_RUNS: runs one after another, "name:extra --set words" separated by ";" (default: one run, the preset);
+  # PARALLEL=1 trains them at the same time on the one GPU (for quality comparisons only: they share the GPU,
+  # so their iterations/s and time to the bar are not the solo figures), then reports each in turn
   IFS=';' read -ra RUNS <<<"${TRAIN_RUNS:-gpu:${TRAIN_SET:-}}"
-  for spec in "${RUNS[@]}"; do
-    name=${spec%%:*}; extra=${spec#*:}
-    RUN="$WORK/run_$name"
+  train_one() {  # name, extra words
+    local name=$1 extra=$2 RUN="$WORK/run_$1"
     rm -rf "$RUN"
-    echo "== run $name: ${extra:-gpu preset}"
     # shellcheck disable=SC2086
     python3 -m flashavatar.cli train --data "$DATA" --subject synthetic --out "$RUN" --preset gpu --no-progress \
       --set data.n_test="$N_TEST" --set train.max_minutes="${TRAIN_MINUTES:-3}" --set train.tensorboard=false \
       $extra 2>&1 | grep -v "^INFO flashavatar.rasterize" >"$OUT/train_$name.log"
+  }
+  report_one() {  # name
+    local name=$1 RUN="$WORK/run_$1"
     tail -4 "$OUT/train_$name.log"
     cp "$RUN/train_summary.json" "$OUT/train_summary_$name.json" 2>/dev/null
     python3 - "$RUN/train_summary.json" <<'PYEOF'
@@ -60,6 +64,8 @@ print("train seconds | iteration | head PSNR | head SSIM | full PSNR")
 for e in s["evals"][::4] + s["evals"][-1:]:
     print(f"{e['train_seconds']:13.1f} | {e['iteration']:9d} | {e['test_psnr_head']:9.2f} | "
           f"{e['test_ssim_head']:9.4f} | {e['test_psnr_full']:9.2f}")
+best = max(s["evals"], key=lambda e: e["test_psnr_head"])
+print(f"best head PSNR {best['test_psnr_head']:.2f} at iteration {best['iteration']} ({best['train_seconds']:.1f} s)")
 print("time to bar:", s["time_to_bar"], "| it/s (wall, this call):", s["it_per_s"], "|", s["cuda_graph"])
 PYEOF
     python3 -m flashavatar.cli render --run "$RUN" --out "$WORK/eval_$name" --no-frames --no-video 2>&1 \
@@ -69,6 +75,20 @@ PYEOF
         --out "$OUT/end_to_end_trained_$name.json" 2>&1 | grep -v "Warning\|warn" >"$OUT/bench_trained_$name.log"
       grep -i "graph\|fps" "$OUT/bench_trained_$name.log" | head -20
     fi
+  }
+  for spec in "${RUNS[@]}"; do
+    name=${spec%%:*}; extra=${spec#*:}
+    echo "== run $name: ${extra:-gpu preset}"
+    if [ -n "${PARALLEL:-}" ]; then
+      train_one "$name" "$extra" &
+    else
+      train_one "$name" "$extra"; report_one "$name"
+    fi
   done
+  if [ -n "${PARALLEL:-}" ]; then
+    wait
+    echo "parallel training done: $(( $(date +%s) - t0 ))s"
+    for spec in "${RUNS[@]}"; do echo "== report ${spec%%:*}"; report_one "${spec%%:*}"; done
+  fi
 fi
 echo "total: $(( $(date +%s) - t0 ))s"

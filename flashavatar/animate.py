@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .model.avatar import positional_encoding
+from .model.avatar import SH_C0, positional_encoding
 from .model.camera import rot6d_to_matrix
 from .model.flame import FlameCodes, kinematic_chain
 
@@ -297,6 +297,14 @@ class Animator:
         self.w_out_t = a.mlp_out.weight.to(dt).t().contiguous()  # [H, 10]
         self.w_out_t32 = a.mlp_out.weight.to(f32).t().contiguous()  # [H, 10]
         self.b_out = a.mlp_out.bias.to(f32)  # [10]
+        # optional colour head (GaussianAvatar(color_offset > 0)): same treatment, RGB offset per frame
+        self.color_offset = float(getattr(a, "color_offset", 0.0))
+        color_head = getattr(a, "mlp_color", None)
+        self.has_color = color_head is not None
+        if self.has_color:
+            self.w_col_t = color_head.weight.to(dt).t().contiguous()  # [H, 3]
+            self.w_col_t32 = color_head.weight.to(f32).t().contiguous()  # [H, 3]
+            self.b_col = color_head.bias.to(f32)  # [3]
         if dt == torch.float16:  # float16 tops out at 65504: refuse weights it cannot hold (bf16 has the range)
             tensors = [self.h_pe, self.w_out_t] + [w for pair in self.hidden for w in pair]
             big = max(float(t.abs().max()) for t in tensors)
@@ -410,35 +418,52 @@ class Animator:
 
     def mlp(self, cond: Tensor) -> Tensor:
         """Raw tanh outputs ``[B, N, 10]`` (float32) for conditions ``cond [B, cond_dim]``."""
+        return self.mlp_outputs(cond)[0]
+
+    def mlp_outputs(self, cond: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(raw [B, N, 10], colour offset [B, N, 3] RGB or None)`` (float32) for ``cond [B, cond_dim]``; the
+        colour offset exists when the avatar has a colour head."""
         if cond.dim() != 2 or cond.shape[1] != self.cond_dim:
             raise ValueError(f"Animator.mlp: cond has shape {tuple(cond.shape)}, expected [B, {self.cond_dim}]")
         B, N = cond.shape[0], self.n_gaussians
         c = (cond.to(torch.float32) @ self.w_cond_t).to(self.mlp_dtype)  # [B, H]
         out = torch.empty(B, N, 10, dtype=torch.float32, device=c.device)
+        color = torch.empty(B, N, 3, dtype=torch.float32, device=c.device) if self.has_color else None
         # (frame, Gaussian) rows in chunks of about mlp_rows: a chunk's activations (mlp_rows x 256 x 2 B in bf16,
         # in and out of each layer) stay in L2 between the layers instead of making a round trip through HBM
         for frames, gauss in mlp_chunks(B, N, self.mlp_rows):
-            self._mlp_chunk(c[frames], gauss, out[frames, gauss].view(-1, 10))
-        return torch.tanh_(out)
+            self._mlp_chunk(c[frames], gauss, out[frames, gauss].view(-1, 10),
+                            None if color is None else color[frames, gauss].view(-1, 3))
+        if color is not None:
+            color = torch.tanh_(color).mul_(self.color_offset)
+        return torch.tanh_(out), color
 
-    def _mlp_chunk(self, c: Tensor, gauss: slice, out: Tensor) -> None:
+    def _mlp_chunk(self, c: Tensor, gauss: slice, out: Tensor, color: Tensor | None = None) -> None:
         """Pre-tanh outputs of frames ``c [b, H]`` (their per-frame first-layer parts) and Gaussians ``gauss``,
-        written into ``out [b * n, 10]`` (float32, contiguous)."""
+        written into ``out [b * n, 10]`` and (colour head) ``color [b * n, 3]`` (float32, contiguous)."""
         h = torch.relu_(self.h_pe[None, gauss] + c[:, None]).view(out.shape[0], -1)  # [b*n, H]
         for w_t, b in self.hidden:
             if self._fused_relu:  # cuBLASLt bias + ReLU epilogue: one pass over the activations instead of two
                 h = torch._addmm_activation(b, h, w_t)
             else:
                 h = torch.relu_(torch.addmm(b, h, w_t))
-        if h.dtype == torch.float32:
-            torch.addmm(self.b_out, h, self.w_out_t32, out=out)
-        elif self._mm_out_dtype:
-            torch.add(torch.mm(h, self.w_out_t, out_dtype=torch.float32), self.b_out, out=out)
-        else:  # products of the rounded activations, accumulated and returned in float32
-            torch.addmm(self.b_out, h.to(torch.float32), self.w_out_t.to(torch.float32), out=out)
+        self._output_layer(h, self.w_out_t, self.w_out_t32, self.b_out, out)
+        if color is not None:
+            self._output_layer(h, self.w_col_t, self.w_col_t32, self.b_col, color)
 
-    def assemble(self, verts: Tensor, raw: Tensor, sh_degree: int | None = None) -> dict[str, Any]:
-        """Gaussians from the posed used vertices ``[B, U, 3]`` and the MLP outputs ``[B, N, 10]``."""
+    def _output_layer(self, h: Tensor, w_t: Tensor, w_t32: Tensor, bias: Tensor, out: Tensor) -> None:
+        """``out = h @ w + bias`` in float32 from activations ``h`` in the MLP dtype."""
+        if h.dtype == torch.float32:
+            torch.addmm(bias, h, w_t32, out=out)
+        elif self._mm_out_dtype:
+            torch.add(torch.mm(h, w_t, out_dtype=torch.float32), bias, out=out)
+        else:  # products of the rounded activations, accumulated and returned in float32
+            torch.addmm(bias, h.to(torch.float32), w_t.to(torch.float32), out=out)
+
+    def assemble(self, verts: Tensor, raw: Tensor, sh_degree: int | None = None,
+                 color: Tensor | None = None) -> dict[str, Any]:
+        """Gaussians from the posed used vertices ``[B, U, 3]``, the MLP outputs ``[B, N, 10]`` and (colour
+        head) the RGB offsets ``color [B, N, 3]``."""
         B, N = raw.shape[0], self.n_gaussians
         if tuple(raw.shape) != (B, N, 10) or tuple(verts.shape) != (B, self.n_used, 3):
             raise ValueError(f"Animator.assemble: verts {tuple(verts.shape)} / raw {tuple(raw.shape)}, expected "
@@ -453,8 +478,15 @@ class Animator:
             means, quats, scales = self._assemble_fn(verts, raw)
         d = self.avatar.active_sh_degree if sh_degree is None else int(sh_degree)
         k = (d + 1) ** 2
+        if color is None:
+            sh = self.sh[:, :k].expand(B, N, k, 3)
+        else:  # the DC band shifted per frame (colour = 0.5 + C0 · dc), as GaussianAvatar.frame_sh
+            if tuple(color.shape) != (B, N, 3):
+                raise ValueError(f"Animator.assemble: color has shape {tuple(color.shape)}, expected [{B}, {N}, 3]")
+            dc = torch.add(self.sh[None, :, :1], color[:, :, None], alpha=1.0 / SH_C0)  # [B, N, 1, 3]
+            sh = torch.cat((dc, self.sh[None, :, 1:k].expand(B, N, k - 1, 3)), dim=2) if k > 1 else dc
         return {"means": means, "quats": quats, "scales": scales,
-                "opacities": self.opacities.expand(B, N), "sh": self.sh[:, :k].expand(B, N, k, 3), "sh_degree": d}
+                "opacities": self.opacities.expand(B, N), "sh": sh, "sh_degree": d}
 
     def _assemble_core(self, verts: Tensor, raw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         tri = verts[:, self.local_faces]  # [B, N, 3 corners, 3]
@@ -486,8 +518,8 @@ class Animator:
         c = FlameCodes.from_any(codes)
         with torch.no_grad():
             verts = self.vertices(c)
-            raw = self.mlp(c.condition())
-            return self.assemble(verts, raw, sh_degree)
+            raw, color = self.mlp_outputs(c.condition())
+            return self.assemble(verts, raw, sh_degree, color)
 
     def render(self, codes, viewmats: Tensor, Ks: Tensor, width: int, height: int, *, sh_degree: int | None = None,
                backgrounds: Tensor | None = None, rasterizer=None, check_finite: bool = False):

@@ -195,7 +195,8 @@ def mlp_flops_per_frame(avatar) -> float:
     """Multiply-adds x 2 of the per-frame MLP work (the per-Gaussian half of layer 1 is precomputed)."""
     n = avatar.n_gaussians
     hidden = [m for m in avatar.mlp_hidden if isinstance(m, torch.nn.Linear)]
-    per = sum(m.in_features * m.out_features for m in hidden) + avatar.mlp_out.in_features * 10
+    heads = [avatar.mlp_out] + ([avatar.mlp_color] if getattr(avatar, "mlp_color", None) is not None else [])
+    per = sum(m.in_features * m.out_features for m in hidden + heads)
     return 2.0 * n * per
 
 
@@ -282,11 +283,11 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
             measure(f"fast {dt}", dt, False, "ours",
                     lambda: (lambda: an.render(codes, views, ks, width, height, backgrounds=bg)))
             verts = an.vertices(codes)
-            raw = an.mlp(cond)
-            g = an.assemble(verts, raw)
+            raw, color = an.mlp_outputs(cond)  # color: None unless the avatar has a colour head
+            g = an.assemble(verts, raw, None, color)
             stage_fns = {"flame": lambda: an.vertices(codes), "flame_torch": lambda: _torch_flame(an, codes),
-                         "mlp": lambda: an.mlp(cond),
-                         "assembly": lambda: an.assemble(verts, raw),
+                         "mlp": lambda: an.mlp_outputs(cond),
+                         "assembly": lambda: an.assemble(verts, raw, None, color),
                          # the torch path of the assembly, for comparison when the fused op is in use
                          "assembly_torch": lambda: an._assemble_fn(verts, raw),
                          "raster": lambda: rasterize_with(None, g, views, ks, width, height, bg)}

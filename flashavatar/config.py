@@ -40,6 +40,7 @@ class ModelConfig:
     parity: bool = False  # True = original FlashAvatar deformation (no triangle frames, multiplicative scale)
     mlp_hidden: int = 256  # width of the deformation MLP (SPEC 3: 256)
     mlp_layers: int = 6  # its depth (SPEC 3: 6)
+    color_offset: float = 0.0  # > 0: the MLP also predicts a per-frame RGB offset of at most this (0 = SPEC 3)
 
 
 @dataclass
@@ -231,6 +232,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"config: train.batch_size must be >= 1, got {t.batch_size}")
     if cfg.model.uv_size < 4:
         raise ValueError(f"config: model.uv_size must be >= 4, got {cfg.model.uv_size}")
+    if not (cfg.model.color_offset >= 0 and cfg.model.color_offset < float("inf")):
+        raise ValueError(f"config: model.color_offset must be a finite number >= 0, got {cfg.model.color_offset}")
     if not 0 <= cfg.model.sh_degree <= 3:
         raise ValueError(f"config: model.sh_degree must be in 0..3, got {cfg.model.sh_degree}")
     if cfg.data.background not in ("green", "white", "black"):

@@ -30,10 +30,10 @@ from PIL import Image, ImageDraw
 
 from flashavatar.data import masks as M
 from flashavatar.io_utils import atomic_write_text, atomic_write_with
+from flashavatar.model.avatar import SH_C0
 
 log = logging.getLogger("flashavatar.inspect")
 
-SH_C0 = 0.28209479177387814  # band-0 SH constant: colour = 0.5 + C0 · f_dc (3DGS convention)
 
 
 @dataclasses.dataclass

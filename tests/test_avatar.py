@@ -166,6 +166,36 @@ def test_residual_state(flame, head):
     assert (torch.linalg.eigvalsh(cov.double()) > 0).all()
 
 
+def test_color_head(flame, head):
+    plain = GaussianAvatar(flame, head[1], uv_size=32)
+    assert plain.mlp_color is None  # SPEC's 10-output MLP unless asked for
+    avatar = GaussianAvatar(flame, head[1], uv_size=32, color_offset=0.1)
+    assert avatar.mlp_color is not None and avatar.mlp_color in [m for m in avatar.modules()]
+    assert any(p is avatar.mlp_color.weight for p in avatar.parameter_groups()["mlp"])
+    c = FlameCodes.neutral(2)
+    c.expr.normal_()
+    out = avatar(c)
+    N = avatar.n_gaussians
+    assert out["sh"].shape == (2, N, 16, 3)
+    # starts as a zero offset: the initial output equals the free colour
+    base = torch.cat((avatar.features_dc, avatar.features_rest), 1)
+    torch.testing.assert_close(out["sh"], base.expand(2, -1, -1, -1))
+    with torch.no_grad():
+        avatar.mlp_color.bias.fill_(10.0)  # saturates: the RGB offset is at most color_offset
+    out = avatar(c)
+    rgb_shift = (out["sh"][:, :, 0] - avatar.features_dc[None, :, 0]) * 0.28209479177387814
+    assert 0.099 < float(rgb_shift.max()) <= 0.1 + 1e-6
+    torch.testing.assert_close(out["sh"][:, :, 1:], avatar.features_rest.expand(2, -1, -1, -1))
+    # gradients reach the colour head and the free colours through the per-frame SH
+    with torch.no_grad():
+        avatar.mlp_color.bias.zero_()
+    avatar(c)["sh"][..., 0, :].sum().backward()
+    assert avatar.mlp_color.weight.grad.abs().sum() > 0 and avatar.features_dc.grad.abs().sum() > 0
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="color_offset"):
+            GaussianAvatar(flame, head[1], uv_size=32, color_offset=bad)
+
+
 def test_template_must_match(flame, head, tmp_path):
     obj = read_obj(head[1])
     lines = [f"v {x} {y} {z}" for x, y, z in obj.vertices] + [f"vt {u} {v}" for u, v in obj.uvs]

@@ -20,17 +20,21 @@ def head(tmp_path_factory):
     return FLAME(path), path.parent / "head_template.obj"
 
 
-def trained_like(head, *, parity=False, uv_size=32, seed=0) -> GaussianAvatar:
-    """An avatar whose MLP output, rotations, scales, opacities and colours all matter for the image."""
+def trained_like(head, *, parity=False, uv_size=32, seed=0, color_offset=0.0) -> GaussianAvatar:
+    """An avatar whose MLP output, rotations, scales, opacities and colours (and the colour head's per-frame
+    offsets, with ``color_offset > 0``) all matter for the image."""
     flame, template = head
     torch.manual_seed(seed)
     # a copy of the module-scoped FLAME: `avatar.to("cuda")` moves its FLAME in place, which would leave the
     # fixture's FLAME on the GPU for the tests that follow
     a = GaussianAvatar(copy.deepcopy(flame), template, uv_size=uv_size, parity=parity, offset_scale=0.01,
-                       shape=0.5 * torch.randn(flame.n_shape))
+                       shape=0.5 * torch.randn(flame.n_shape), color_offset=color_offset)
     with torch.no_grad():
         a.mlp_out.weight.normal_(0, 0.05)
         a.mlp_out.bias.normal_(0, 0.3)
+        if a.mlp_color is not None:
+            a.mlp_color.weight.normal_(0, 0.05)
+            a.mlp_color.bias.normal_(0, 0.3)
         a.rotation.add_(0.3 * torch.randn_like(a.rotation))
         a.log_scale.add_(0.2 * torch.randn_like(a.log_scale))
         a.set_colors(torch.rand(a.n_gaussians, 3))
@@ -74,6 +78,42 @@ def test_fp32_fast_path_matches_the_model_forward(head, parity, restrict):
         err = float((g[k] - ref[k]).abs().max())
         assert err <= tol, f"{k}: max error {err}"
     assert torch.equal(g["sh"], ref["sh"])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_color_head_fast_path_matches_the_model_forward(head, fused):
+    a = trained_like(head, color_offset=0.15)
+    codes = random_codes(head[0], 3, seed=5)
+    with torch.no_grad():
+        ref = a(codes)
+    an = Animator(a)
+    an.fused_assembly = fused and an.fused_assembly
+    g = an.gaussians(codes)
+    assert g["sh"].shape == ref["sh"].shape == (3, a.n_gaussians, 16, 3)
+    torch.testing.assert_close(g["sh"], ref["sh"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g["means"], ref["means"], atol=1e-6, rtol=1e-5)
+    # the offsets are per frame, bounded by color_offset, and only in the DC band
+    raw, color = an.mlp_outputs(FlameCodes.from_any(codes).condition())
+    assert color.shape == (3, a.n_gaussians, 3) and float(color.abs().max()) <= 0.15
+    assert float((color[0] - color[1]).abs().max()) > 1e-3
+    torch.testing.assert_close(g["sh"][:, :, 1:], an.sh[None, :, 1:].expand(3, -1, -1, -1))
+    # lower SH degrees keep the shifted DC band
+    g1 = an.gaussians(codes, sh_degree=0)
+    torch.testing.assert_close(g1["sh"], g["sh"][:, :, :1])
+
+
+def test_color_head_reduced_precision_within_45db_and_matters(head):
+    a = trained_like(head, color_offset=0.15)
+    codes = random_codes(head[0], 2, seed=4)
+    vm, Ks = cameras(2, 96)
+    an32 = Animator(a)
+    ref = an32.render(codes, vm, Ks, 96, 96)[0]
+    low = Animator(a, mlp_dtype="bf16").render(codes, vm, Ks, 96, 96)[0]
+    assert psnr(low, ref) >= 45.0
+    # the check can fail: without the colour offsets the image is clearly different
+    verts, raw = an32.vertices(codes), an32.mlp(FlameCodes.from_any(codes).condition())
+    plain = rasterize_with(None, an32.assemble(verts, raw), vm, Ks, 96, 96)[0]
+    assert psnr(plain, ref) < 40.0
 
 
 def test_restricted_flame_matches_full_flame_on_used_vertices(head):

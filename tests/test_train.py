@@ -72,6 +72,21 @@ def test_resume_gives_the_same_next_steps(subject, tmp_path):
 
 
 
+def test_color_head_trains_and_reloads(subject, tmp_path):
+    cfg = tiny_config(subject, model={"color_offset": 0.1}, train={"iterations": 30})
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    result = trainer.run()
+    assert result.iteration == 30 and result.test_loss_end < result.test_loss_start
+    head = trainer.avatar.mlp_color
+    assert head is not None and float(head.weight.detach().abs().max()) > 0  # it learned (it starts at zero)
+    # the saved config rebuilds the colour head, so the checkpoint loads into a fresh trainer
+    again = Trainer(config_mod.load(tmp_path / "run" / "config.yaml"), tmp_path / "run", device="cpu")
+    assert again.iteration == 30
+    torch.testing.assert_close(again.avatar.mlp_color.weight, head.weight)
+    with pytest.raises(ValueError, match="model.color_offset"):
+        tiny_config(subject, model={"color_offset": -1.0})
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_one(subject, tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(subject, train={"iterations": 3}), tmp_path / "run", device="cpu")
     trainer.run(max_steps=2)

@@ -30,6 +30,7 @@ __all__ = ["GaussianAvatar", "UVSamples", "rasterize_uv", "sample_mouth_faces", 
 # learning rates of the original (SPEC §4); f_rest is colour / 20
 DEFAULT_LRS = {"mlp": 1e-4, "f_dc": 2.5e-3, "f_rest": 2.5e-3 / 20, "opacity": 5e-2, "scaling": 5e-3,
                "rotation": 1e-3}
+SH_C0 = 0.28209479177387814  # band-0 SH constant: colour = 0.5 + C0 · f_dc (3DGS convention)
 
 
 # ------------------------------------------------------------------------------------------- UV sampling
@@ -170,13 +171,20 @@ class GaussianAvatar(nn.Module):
             multiplied log-scale s = exp(ŝ · exp(δ))); ``False`` = q = q_frame ⊗ q_base ⊗ q_Δ and
             s = exp(ŝ + δ).
         offset_scale: Δx = offset_scale · tanh(o) (metres).
+        color_offset: 0 (default) = SPEC's MLP with 10 outputs and a fixed colour per Gaussian. > 0: a second
+            output head on the MLP's last hidden layer adds ``color_offset · tanh(o_rgb)`` (RGB, so at most
+            ±color_offset) to each Gaussian's base colour per frame: shading that follows the expression
+            (a cheek's normal turning under a smile, wrinkles) which a fixed colour cannot hold.
     """
 
     def __init__(self, flame: FLAME, template, *, uv_size: int = 128, shape: torch.Tensor | None = None,
                  mouth_fraction: float = 0.01, drop_neck_boundary: bool = True, parity: bool = False,
                  sh_degree: int = 3, hidden: int = 256, layers: int = 6, n_freqs: int = 8,
-                 offset_scale: float = 1.0, init_opacity: float = 0.1, seed: int = 0):
+                 offset_scale: float = 1.0, init_opacity: float = 0.1, seed: int = 0, color_offset: float = 0.0):
         super().__init__()
+        if not (math.isfinite(color_offset) and color_offset >= 0):
+            raise ValueError(f"GaussianAvatar: color_offset must be a finite number >= 0, got {color_offset}")
+        self.color_offset = float(color_offset)
         self.flame = flame
         self.parity = bool(parity)
         # forward assembles the Gaussians with the compiled op where it can (False: always the torch path)
@@ -262,6 +270,13 @@ class GaussianAvatar(nn.Module):
                     layer.bias.uniform_(-b, b, generator=gen)
             self.mlp_out.weight.uniform_(-1e-3, 1e-3, generator=gen)
             self.mlp_out.bias.zero_()
+        # optional colour head (named mlp_* so it joins the MLP's optimiser group); zero weights: it starts as a
+        # zero offset (its gradient h^T g is not zero, so it learns)
+        self.mlp_color = nn.Linear(hidden, 3) if self.color_offset > 0 else None
+        if self.mlp_color is not None:
+            with torch.no_grad():
+                self.mlp_color.weight.zero_()
+                self.mlp_color.bias.zero_()
 
         # 4. free per-Gaussian parameters
         n_sh = (self.max_sh_degree + 1) ** 2
@@ -299,7 +314,7 @@ class GaussianAvatar(nn.Module):
         rgb = torch.as_tensor(rgb, dtype=self.features_dc.dtype, device=self.features_dc.device)
         if rgb.shape != (self.n_gaussians, 3):
             raise ValueError(f"set_colors: rgb has shape {tuple(rgb.shape)}, expected [{self.n_gaussians}, 3]")
-        self.features_dc[:, 0] = (rgb - 0.5) / 0.28209479177387814  # SH band-0 constant
+        self.features_dc[:, 0] = (rgb - 0.5) / SH_C0
         self.features_rest.zero_()
 
     def set_sh_degree_for_iteration(self, iteration: int, every: int = 500) -> int:
@@ -310,8 +325,27 @@ class GaussianAvatar(nn.Module):
     # ------------------------------------------------------------------------------------ deformation
     def mlp(self, cond: torch.Tensor) -> torch.Tensor:
         """Raw tanh outputs ``[B, N, 10]`` for conditions ``[B, cond_dim]``."""
+        return self.mlp_outputs(cond)[0]
+
+    def mlp_outputs(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(raw [B, N, 10], colour offset [B, N, 3] in RGB or None)`` for conditions ``[B, cond_dim]``; the
+        colour offset exists when ``color_offset > 0``."""
         h = torch.relu(self.mlp_in_pe(self.encoded_means)[None] + self.mlp_in_cond(cond)[:, None])  # [B, N, hidden]
-        return torch.tanh(self.mlp_out(self.mlp_hidden(h)))
+        h = self.mlp_hidden(h)  # [B, N, hidden]
+        raw = torch.tanh(self.mlp_out(h))
+        if self.mlp_color is None:
+            return raw, None
+        return raw, self.color_offset * torch.tanh(self.mlp_color(h))
+
+    def frame_sh(self, color: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """SH coefficients per frame ``[B, N, K, 3]``: the free per-Gaussian SH (an expanded view) or, with a
+        colour offset ``color [B, N, 3]`` (RGB), the DC band shifted by it (the DC band's colour is
+        0.5 + C0 · dc, so an RGB offset is offset / C0 in dc)."""
+        sh = torch.cat((self.features_dc, self.features_rest), dim=1)  # [N, K, 3]
+        if color is None:
+            return sh.expand(batch, *sh.shape)
+        dc = self.features_dc[None] + (color / SH_C0)[:, :, None]  # [B, N, 1, 3]
+        return torch.cat((dc, self.features_rest.expand(batch, *self.features_rest.shape)), dim=2)
 
     def face_frames(self, vertices: torch.Tensor, tri: torch.Tensor | None = None) -> torch.Tensor:
         """Orthonormal tangent frame per Gaussian's triangle as quaternions ``[B, N, 4]``: columns
@@ -337,9 +371,9 @@ class GaussianAvatar(nn.Module):
         if cond.shape != (B, self.cond_dim):
             raise ValueError(f"GaussianAvatar: condition has shape {tuple(cond.shape)}, "
                              f"expected [{B}, {self.cond_dim}]")
-        out = self.mlp(cond)  # [B, N, 10]
+        out, color = self.mlp_outputs(cond)  # [B, N, 10], [B, N, 3] or None
         offset = self.offset_scale * out[..., :3]
-        sh = torch.cat((self.features_dc, self.features_rest), dim=1)  # [N, 16, 3]
+        sh = self.frame_sh(color, B)  # [B, N, K, 3]
         N = self.n_gaussians
         if self._use_fused_assembly(vertices, out):
             # one kernel (flashavatar.ops.gaussian_assembly, differentiable) for the same math as below
@@ -349,7 +383,7 @@ class GaussianAvatar(nn.Module):
                 vertices, self.gaussian_faces, self.barycentrics, self.rotation, self.log_scale, out,
                 offset_scale=self.offset_scale, parity=self.parity)
             return {"means": means, "quats": quats, "scales": scales,
-                    "opacities": torch.sigmoid(self.opacity_logit).expand(B, N), "sh": sh.expand(B, *sh.shape),
+                    "opacities": torch.sigmoid(self.opacity_logit).expand(B, N), "sh": sh,
                     "sh_degree": self.active_sh_degree, "vertices": vertices,
                     "residual": {"means": offset, "quats": q_local, "scales": scales}}
 
@@ -372,7 +406,7 @@ class GaussianAvatar(nn.Module):
             "quats": quats,
             "scales": scales,
             "opacities": torch.sigmoid(self.opacity_logit).expand(B, N),
-            "sh": sh.expand(B, *sh.shape),
+            "sh": sh,
             "sh_degree": self.active_sh_degree,
             "vertices": vertices,
             "residual": {"means": offset, "quats": q_local, "scales": scales},
