@@ -72,6 +72,17 @@ def _longest_list(out):
     return int((out[12][:, 1] - out[12][:, 0]).max())
 
 
+def _run_against_cpu(args, bg, width, height, sh, cot, tol):
+    """Forward + VJP on the GPU (float32) checked against the float64 CPU path; returns the GPU's images and
+    gradients."""
+    ref_out, ref_g, _ = _run(args, bg, width, height, sh, "cpu", torch.float64, cot)
+    out, g, _ = _run(args, bg, width, height, sh, DEV, torch.float32, cot)
+    for name, a, b in zip(("render", "alpha", "depth"), out, ref_out):
+        _assert_images_close(a, b, name)
+    _assert_grads_close(g, ref_g, NAMES, tol=tol)
+    return out, g
+
+
 @pytest.mark.parametrize("d,sh,bg", [(1, None, False), (3, None, True), (8, None, True), (3, 0, True),
                                      (3, 1, False), (3, 2, True), (3, 3, True), (40, None, True)])
 def test_cuda_matches_cpu_forward_backward(d, sh, bg):
@@ -112,13 +123,8 @@ def test_cuda_long_tile_lists_split_backward(d, sh, bg, monkeypatch):
     longest = _longest_list(lists)
     assert lists[14].numel() > 0 and longest > 4 * 256, (lists[14].numel(), longest)
     assert int(lists[8].max()) > 2 * 256  # pixels really walk past several chunk boundaries
-    shapes = [(2, H, W, d), (2, H, W, 1), (2, H, W, 1)]
-    cot = _cot(shapes, 5)
-    ref_out, ref_g, _ = _run(args, backgrounds, W, H, sh, "cpu", torch.float64, cot)
-    out, g, _ = _run(args, backgrounds, W, H, sh, DEV, torch.float32, cot)
-    for name, a, b in zip(("render", "alpha", "depth"), out, ref_out):
-        _assert_images_close(a, b, name)
-    _assert_grads_close(g, ref_g, NAMES, tol=5e-3)
+    cot = _cot([(2, H, W, d), (2, H, W, 1), (2, H, W, 1)], 5)
+    _, g = _run_against_cpu(args, backgrounds, W, H, sh, cot, tol=5e-3)
     monkeypatch.setenv("FLASHAVATAR_RAST_BWD", "warp")
     _, g_unsplit, _ = _run(args, backgrounds, W, H, sh, DEV, torch.float32, cot)
     _assert_grads_close(g, g_unsplit, NAMES, tol=1e-4)
@@ -250,11 +256,7 @@ def test_cuda_split_forward_backward_matches_cpu(kind, d, sh, bg, monkeypatch):
     monkeypatch.delenv("FLASHAVATAR_RAST_FWD", raising=False)
     assert _longest_list(_fwd_raw(args, backgrounds, W, H, sh)) > 8 * 256
     cot = _cot([(2, H, W, d), (2, H, W, 1), (2, H, W, 1)], 6)
-    ref_out, ref_g, _ = _run(args, backgrounds, W, H, sh, "cpu", torch.float64, cot)
-    out, g, _ = _run(args, backgrounds, W, H, sh, DEV, torch.float32, cot)
-    for name, a, b in zip(("render", "alpha", "depth"), out, ref_out):
-        _assert_images_close(a, b, name)
-    _assert_grads_close(g, ref_g, NAMES, tol=5e-3)
+    out, g = _run_against_cpu(args, backgrounds, W, H, sh, cot, tol=5e-3)
     monkeypatch.setenv("FLASHAVATAR_RAST_FWD", "single")
     out_1, g_1, _ = _run(args, backgrounds, W, H, sh, DEV, torch.float32, cot)
     for name, a, b in zip(("render", "alpha", "depth"), out, out_1):
