@@ -168,20 +168,24 @@ def op_only_fn(args):
     return fn
 
 
-def bwd_variants(args, cot, reps) -> dict:
-    """Graph-replay fwd+bwd with each backward blend kernel (FLASHAVATAR_RAST_BWD), and their kernel times:
-    split (default: reduce-scatter, long tile lists split over blocks), warp (reduce-scatter, one block per tile),
-    block (the previous kernel: butterfly sums, per-block shared-memory sums)."""
+def blend_variants(env, names, args, cot, reps, profiled="fwd_bwd") -> dict:
+    """Graph-replay fwd and fwd+bwd with each blend kernel that the environment variable `env` selects (names[0]:
+    the default, `env` unset), and the top kernels of the `profiled` function.
+    FLASHAVATAR_RAST_BWD: split (default: reduce-scatter, long tile lists split over blocks), warp (reduce-scatter,
+    one block per tile), block (the previous kernel: butterfly sums, per-block shared-memory sums).
+    FLASHAVATAR_RAST_FWD: split (default: long tile lists in parts over blocks + a combine pass), single (one block
+    per tile)."""
     out = {}
-    for variant in ("split", "warp", "block"):  # split = the default
-        if variant == "split":
-            os.environ.pop("FLASHAVATAR_RAST_BWD", None)
+    for variant in names:
+        if variant == names[0]:
+            os.environ.pop(env, None)
         else:
-            os.environ["FLASHAVATAR_RAST_BWD"] = variant
-        _, fwd_bwd, _ = ours_fns(args, cot)
-        out[variant] = {"fwd_bwd_graph_ms": time_cuda(graph_fn(fwd_bwd), reps=reps),
-                        "kernels": kernel_breakdown(fwd_bwd, rows=4)}
-    os.environ.pop("FLASHAVATAR_RAST_BWD", None)
+            os.environ[env] = variant
+        fwd, fwd_bwd, _ = ours_fns(args, cot)
+        out[variant] = {"fwd_graph_ms": time_cuda(graph_fn(fwd), reps=reps),
+                        "fwd_bwd_graph_ms": time_cuda(graph_fn(fwd_bwd), reps=reps),
+                        "kernels": kernel_breakdown(fwd if profiled == "fwd" else fwd_bwd, rows=4)}
+    os.environ.pop(env, None)
     return out
 
 
@@ -242,10 +246,13 @@ def main():
     host = {"op_only_fwd_us": host_time_us(op_only_fn(args), calls=50), "wrapper_fwd_us": host_time_us(fwd, calls=50),
             "fwd_bwd_us": host_time_us(fwd_bwd, calls=50)}
     host_tables = {"fwd": host_profile(fwd), "fwd_bwd": host_profile(fwd_bwd)}
-    variants = {}
+    variants, fwd_variants = {}, {}
     for n in (15_000, 50_000):
         a = scene(n, 1)
-        variants[f"{n // 1000}k"] = bwd_variants(a, torch.rand(1, H, W, 3, device="cuda"), reps)
+        cot1 = torch.rand(1, H, W, 3, device="cuda")
+        variants[f"{n // 1000}k"] = blend_variants("FLASHAVATAR_RAST_BWD", ("split", "warp", "block"), a, cot1, reps)
+        fwd_variants[f"{n // 1000}k"] = blend_variants("FLASHAVATAR_RAST_FWD", ("split", "single"), a, cot1, reps,
+                                                       profiled="fwd")
 
     hdr = (f"{'N':>7} {'cams':>4} | {'ours fwd':>9} {'gsplat':>8} {'x':>5} | {'ours f+b':>9} {'gsplat':>8} {'x':>5} | "
            f"{'graph fwd':>9} {'graph f+b':>9} | {'PSNR dB':>7}")
@@ -271,15 +278,17 @@ def main():
         print(f"host self-CPU, 15k/1 cam {name} (us per call, profiler on):")
         for e in table:
             print(f"  {e['self_us_per_iter']:8.1f}  x{e['calls_per_iter']:<4g} {e['op']}")
-    for n, v in variants.items():
-        print(f"backward blend variants, {n}/1 cam: " + "; ".join(
-            f"{name}: graph f+b {r['fwd_bwd_graph_ms']:.3f} ms, "
-            + ", ".join(f"{e['kernel'][:40]} {e['us_per_iter']:.1f}" for e in r["kernels"][:2])
-            for name, r in v.items()))
+    for what, table in (("backward", variants), ("forward", fwd_variants)):
+        for n, v in table.items():
+            print(f"{what} blend variants, {n}/1 cam: " + "; ".join(
+                f"{name}: graph fwd {r['fwd_graph_ms']:.3f} ms, f+b {r['fwd_bwd_graph_ms']:.3f} ms, "
+                + ", ".join(f"{e['kernel'][:40]} {e['us_per_iter']:.1f}" for e in r["kernels"][:3])
+                for name, r in v.items()))
 
     result = {"device": dev_name, "torch": torch.__version__, "width": W, "height": H, "rows": rows,
               "kernels": breakdown, "host_us_15k_1cam": host, "host_profile_15k_1cam": host_tables,
-              "bwd_variants": variants, "notes": "ours called with check_finite=False (no host sync); gsplat "
+              "bwd_variants": variants, "fwd_variants": fwd_variants,
+              "notes": "ours called with check_finite=False (no host sync); gsplat "
               "rasterization(packed=True default, classic mode); fwd under no_grad; fwd+bwd = forward + "
               "torch.autograd.grad of the colour image w.r.t. means, quats, scales, opacities, colors"}
     out = opt.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

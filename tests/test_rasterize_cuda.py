@@ -1,5 +1,6 @@
 """GPU tests of the CUDA rasteriser: equals the CPU path (float64 ground truth, float32 tolerance), large
-scenes, CUDA-graph capture and replay, batched input, and the intersection-buffer overflow fallback."""
+scenes, long tile lists split over blocks (forward and backward) against the one-block-per-tile kernels, CUDA-graph
+capture and replay, batched input, and the intersection-buffer overflow fallback."""
 
 import pytest
 import torch
@@ -56,6 +57,30 @@ def _assert_grads_close(ga, gb, names, tol=2e-3):
 
 
 NAMES = ["means", "quats", "scales", "opacities", "colors", "backgrounds"]
+BIG_CAPACITY = 1 << 20  # room for every intersection of the scenes below (no overflow)
+
+
+def _fwd_raw(args, bg, width, height, sh, capacity=BIG_CAPACITY):
+    """The raw forward op (one Gaussian set) on the GPU: all 15 outputs, including the tiling and chunk state."""
+    m, q, s, o, c, vm, K = (t.to(DEV, torch.float32)[None] for t in args)
+    bg = None if bg is None else bg.to(DEV, torch.float32)[None]
+    return torch.ops.flashavatar.rasterize_fwd(m, q, s, o, c if sh is not None else c[:, :, None], vm, K, bg, width,
+                                               height, -1 if sh is None else sh, 0.01, 1e10, 0.3, capacity)
+
+
+def _longest_list(out):
+    return int((out[12][:, 1] - out[12][:, 0]).max())
+
+
+def _run_against_cpu(args, bg, width, height, sh, cot, tol):
+    """Forward + VJP on the GPU (float32) checked against the float64 CPU path; returns the GPU's images and
+    gradients."""
+    ref_out, ref_g, _ = _run(args, bg, width, height, sh, "cpu", torch.float64, cot)
+    out, g, _ = _run(args, bg, width, height, sh, DEV, torch.float32, cot)
+    for name, a, b in zip(("render", "alpha", "depth"), out, ref_out):
+        _assert_images_close(a, b, name)
+    _assert_grads_close(g, ref_g, NAMES, tol=tol)
+    return out, g
 
 
 @pytest.mark.parametrize("d,sh,bg", [(1, None, False), (3, None, True), (8, None, True), (3, 0, True),
@@ -94,23 +119,175 @@ def test_cuda_long_tile_lists_split_backward(d, sh, bg, monkeypatch):
     W, H = 64, 48
     (m, q, s, o, c, vm, K), backgrounds = _scene(5000, d=d, sh=sh, seed=20 + d, cams=2, scale=0.02, bg=bg)
     args = [m, q, s, 0.05 * o, c, vm, K]
-    lists = torch.ops.flashavatar.rasterize_fwd(*(t.to(DEV, torch.float32)[None] for t in args[:4]),
-                                                (c if sh is not None else c[:, None]).to(DEV, torch.float32)[None],
-                                                vm.to(DEV, torch.float32)[None], K.to(DEV, torch.float32)[None],
-                                                None, W, H, -1 if sh is None else sh, 0.01, 1e10, 0.3, 1 << 20)
-    longest = int((lists[12][:, 1] - lists[12][:, 0]).max())
+    lists = _fwd_raw(args, None, W, H, sh)
+    longest = _longest_list(lists)
     assert lists[14].numel() > 0 and longest > 4 * 256, (lists[14].numel(), longest)
     assert int(lists[8].max()) > 2 * 256  # pixels really walk past several chunk boundaries
-    shapes = [(2, H, W, d), (2, H, W, 1), (2, H, W, 1)]
-    cot = _cot(shapes, 5)
-    ref_out, ref_g, _ = _run(args, backgrounds, W, H, sh, "cpu", torch.float64, cot)
-    out, g, _ = _run(args, backgrounds, W, H, sh, DEV, torch.float32, cot)
-    for name, a, b in zip(("render", "alpha", "depth"), out, ref_out):
-        _assert_images_close(a, b, name)
-    _assert_grads_close(g, ref_g, NAMES, tol=5e-3)
+    cot = _cot([(2, H, W, d), (2, H, W, 1), (2, H, W, 1)], 5)
+    _, g = _run_against_cpu(args, backgrounds, W, H, sh, cot, tol=5e-3)
     monkeypatch.setenv("FLASHAVATAR_RAST_BWD", "warp")
     _, g_unsplit, _ = _run(args, backgrounds, W, H, sh, DEV, torch.float32, cot)
     _assert_grads_close(g, g_unsplit, NAMES, tol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward split over blocks (default where the chunk state is kept) against the one-block-per-tile kernel
+# (FLASHAVATAR_RAST_FWD=single). They agree up to float rounding: the split forms T and the sums as products and
+# sums of per-part values, so values differ by ~1e-7 relative, and a pixel whose stop test lands within rounding of
+# the 1e-4 cut-off (rare) can stop one contributor earlier or later: then its last_ids differ and its values by up
+# to that contributor's weight (< 1e-2).
+
+def _long_scene(kind, n, d=3, sh=None, seed=0, width=64, height=48, bg=True):
+    """Two cameras on a head of n Gaussians (scale 0.02): tile lists of thousands of entries. Opacities:
+    'faint' 0.005-0.01 (20k Gaussians at 72x40: lists to ~8.6k entries, i.e. 16 parts of 2-3 chunks; ~85% of the
+    pixels never stop), 'opaque' 0.9-0.99 (nearly every pixel stops, ~30% beyond the first chunk, up to the 7th),
+    'layered' faint (0.01-0.03) in front of z = 0.02 and opaque behind (pixels blend hundreds to thousands of faint
+    entries, then stop in chunks 1-9), 'mix' 10% opaque at random (stops in chunks 0-7). The figures come from an
+    emulation of the tile lists and walks on the CPU path's projection, over three seeds."""
+    (m, q, s, o, c, vm, K), backgrounds = _scene(n, d=d, sh=sh, seed=seed, cams=2, width=width, height=height,
+                                                  scale=0.02, bg=bg)
+    g = torch.Generator().manual_seed(seed + 1)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    faint, opaque = 0.01 + 0.02 * u, 0.9 + 0.09 * u
+    o = {"faint": 0.005 + 0.005 * u, "opaque": opaque, "layered": torch.where(m[:, 2] < 0.02, faint, opaque),
+         "mix": torch.where(torch.rand(n, generator=g, dtype=torch.float64) < 0.9, faint, opaque)}[kind]
+    return [m, q, s, o, c, vm, K], backgrounds
+
+
+def _assert_mostly_close(a, b, name, atol, rtol, frac=2e-3, max_abs=2e-2):
+    """a == b within atol + rtol |b| except on a fraction <= frac of the entries, and within max_abs everywhere."""
+    a, b = a.double().cpu(), b.double().cpu()
+    assert a.shape == b.shape, (name, a.shape, b.shape)
+    off = (a - b).abs() > atol + rtol * b.abs()
+    assert off.double().mean() <= frac, (f"{name}: {int(off.sum())} of {off.numel()} differ, e.g. {a[off][:4]} vs "
+                                         f"{b[off][:4]}")
+    if a.numel():
+        assert (a - b).abs().max() < max_abs, f"{name}: max abs diff {(a - b).abs().max():.3g}"
+
+
+def _read_chunk_state(out, D, width, height, same):
+    """What the backward reads of the chunk state: per tile of > 256 entries, for every pixel whose last_ids agree in
+    both runs (`same` [C, H, W]) and every boundary b < last, the boundary record (T, depth sum, D colour sums), and
+    the pixel's final sums. Returns (records [R, 2 + D], final sums [P, 1 + D])."""
+    C, capacity = out[8].shape[1], out[11].numel()
+    slots = (capacity + 255) // 256
+    cs = out[14].cpu()
+    bnd = cs[: slots * 256 * (2 + D)].view(slots, 2 + D, 256)
+    fin = cs[slots * 256 * (2 + D):].view(2 + D, C * height * width)
+    ranges, last, same = out[12].cpu(), out[8][0].cpu(), same.cpu()
+    tx, ty = (width + 15) // 16, (height + 15) // 16
+    ly, lx = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    recs, fins = [], []
+    for img in range(C):
+        for t in range(tx * ty):
+            start, end = (int(v) for v in ranges[img * tx * ty + t])
+            if end - start <= 256:
+                continue
+            px, py, tid = (lx + (t % tx) * 16).flatten(), (ly + (t // tx) * 16).flatten(), (ly * 16 + lx).flatten()
+            keep = (px < width) & (py < height)
+            px, py, tid = px[keep], py[keep], tid[keep]
+            keep = same[img, py, px]
+            px, py, tid = px[keep], py[keep], tid[keep]
+            lp = last[img, py, px]
+            for b in range(256, end - start, 256):
+                recs.append(bnd[(start + b) // 256][:, tid[lp > b]].T)
+            fins.append(fin[1:, (img * height + py) * width + px].T)
+    return torch.cat(recs), torch.cat(fins)
+
+
+def _assert_split_matches_single(split, single, D, width, height):
+    """Raw forward outputs of the split and the single kernel on the same inputs."""
+    for i in (3, 10, 11, 12, 13):  # projection and tiling: the same kernels
+        assert torch.equal(split[i], single[i]), i
+    same = split[8] == single[8]
+    assert (~same).double().mean() <= 2e-3, f"last_ids differ at {int((~same).sum())} pixels"
+    for i, name in ((0, "render"), (1, "alpha"), (2, "depth")):
+        _assert_mostly_close(split[i], single[i], name, atol=2e-5, rtol=1e-5)
+    _assert_mostly_close(split[9], single[9], "transmittance", atol=1e-7, rtol=1e-4)
+    rec_s, fin_s = _read_chunk_state(split, D, width, height, same[0])
+    rec_1, fin_1 = _read_chunk_state(single, D, width, height, same[0])
+    assert rec_s.shape[0] > 0 and fin_s.shape[0] > 0
+    _assert_mostly_close(rec_s[:, 0], rec_1[:, 0], "chunk state T", atol=1e-7, rtol=1e-4)
+    _assert_mostly_close(rec_s[:, 1:], rec_1[:, 1:], "chunk state sums", atol=2e-5, rtol=1e-4)
+    _assert_mostly_close(fin_s, fin_1, "final sums", atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind,n,d,sh,bg,width,height", [
+    ("faint", 20000, 3, None, True, 72, 40),
+    ("faint", 20000, 3, 2, False, 72, 40),
+    ("opaque", 5000, 3, None, True, 64, 48),
+    ("opaque", 5000, 3, 1, False, 72, 40),
+    ("layered", 5000, 3, None, True, 64, 48),
+    ("layered", 5000, 3, 3, True, 72, 40),
+    ("mix", 5000, 3, None, False, 64, 48),
+    ("mix", 5000, 8, None, True, 64, 48),
+    ("layered", 5000, 40, None, True, 64, 48),  # D > 32: both fall back to the single kernel
+])
+def test_cuda_split_forward_matches_single(kind, n, d, sh, bg, width, height, monkeypatch):
+    args, backgrounds = _long_scene(kind, n, d=d, sh=sh, seed=30 + d + (sh or 0), width=width, height=height,
+                                    bg=bg)
+    monkeypatch.delenv("FLASHAVATAR_RAST_FWD", raising=False)
+    split = _fwd_raw(args, backgrounds, width, height, sh)
+    monkeypatch.setenv("FLASHAVATAR_RAST_FWD", "single")
+    single = _fwd_raw(args, backgrounds, width, height, sh)
+    # The scenes are what they claim: chunk state kept, no overflow, long lists, pixels deep into them.
+    assert split[14].numel() > 0 and int(split[13][-1]) <= BIG_CAPACITY
+    assert _longest_list(split) > (16 if kind == "faint" else 8) * 256, _longest_list(split)
+    last, alpha = single[8], single[1][..., 0]
+    assert int(last.max()) > 3 * 256, int(last.max())
+    if kind == "faint":
+        assert (alpha < 0.99).double().mean() > 0.3  # most pixels never stop
+    else:  # saturated pixels whose last contributor lies in many different chunks
+        assert len(torch.unique(last[alpha > 0.99] // 256)) >= 4
+    if d > 32:
+        for i in range(14):
+            assert torch.equal(split[i], single[i]), i
+        return
+    _assert_split_matches_single(split, single, d, width, height)
+
+
+@pytest.mark.parametrize("kind,d,sh,bg", [("layered", 3, None, True), ("mix", 3, 1, False), ("opaque", 3, None, True)])
+def test_cuda_split_forward_backward_matches_cpu(kind, d, sh, bg, monkeypatch):
+    # Forward + backward with the split forward (and the split backward reading its chunk state) against the float64
+    # CPU path, and the gradients against those after the single forward (same backward kernel).
+    W, H = 64, 48
+    args, backgrounds = _long_scene(kind, 5000, d=d, sh=sh, seed=40 + (sh or 0), bg=bg)
+    monkeypatch.setattr(rast, "_FORCE_CAPACITY", BIG_CAPACITY)
+    monkeypatch.delenv("FLASHAVATAR_RAST_FWD", raising=False)
+    assert _longest_list(_fwd_raw(args, backgrounds, W, H, sh)) > 8 * 256
+    cot = _cot([(2, H, W, d), (2, H, W, 1), (2, H, W, 1)], 6)
+    out, g = _run_against_cpu(args, backgrounds, W, H, sh, cot, tol=5e-3)
+    monkeypatch.setenv("FLASHAVATAR_RAST_FWD", "single")
+    out_1, g_1, _ = _run(args, backgrounds, W, H, sh, DEV, torch.float32, cot)
+    for name, a, b in zip(("render", "alpha", "depth"), out, out_1):
+        _assert_mostly_close(a, b, name, atol=2e-5, rtol=1e-5)
+    _assert_grads_close(g, g_1, NAMES, tol=1e-3)
+
+
+def test_cuda_split_forward_with_an_overflowed_image(monkeypatch):
+    # The first image's intersections fit the buffer (its long lists are split, the chunk state is kept), the
+    # second's do not (it walks its whole depth-sorted list in one block). Against the call with room for both.
+    W, H, n = 64, 48, 5000
+    args, bg = _long_scene("layered", n, seed=50)
+    monkeypatch.delenv("FLASHAVATAR_RAST_FWD", raising=False)
+    full = _fwd_raw(args, bg, W, H, None)
+    need0, need = int(full[13][n - 1]), int(full[13][-1])  # offsets: inclusive over both images
+    cap = (need0 + need) // 2
+    assert need0 < cap < need and _longest_list(full) > 8 * 256
+    part = _fwd_raw(args, bg, W, H, None, capacity=cap)
+    assert part[14].numel() > 0
+    for i in (0, 1, 2, 8, 9):  # the first image: the same split walk over the same lists
+        assert torch.equal(part[i][:, 0], full[i][:, 0]), i
+    same = part[8] == full[8]
+    assert (~same).double().mean() <= 2e-3
+    for i, name in ((0, "render"), (1, "alpha"), (2, "depth"), (9, "transmittance")):
+        _assert_mostly_close(part[i], full[i], name, atol=2e-5, rtol=1e-4)
+    cot = _cot([(2, H, W, 3), (2, H, W, 1), (2, H, W, 1)], 7)
+    monkeypatch.setattr(rast, "_FORCE_CAPACITY", BIG_CAPACITY)
+    _, g_full, _ = _run(args, bg, W, H, None, DEV, torch.float32, cot)
+    monkeypatch.setattr(rast, "_FORCE_CAPACITY", cap)
+    _, g_part, _ = _run(args, bg, W, H, None, DEV, torch.float32, cot)
+    _assert_grads_close(g_part, g_full, NAMES, tol=1e-3)
 
 
 def test_forced_overflow_is_exact(monkeypatch):
@@ -167,6 +344,9 @@ def test_batched_equals_separate_calls():
 def test_cuda_graph_capture_and_replay():
     W, H = 96, 64
     args, bg = _scene(5000, d=3, sh=3, seed=5, cams=2, width=W, height=H, scale=0.008)
+    # Lists of up to ~1800 entries: the forward and the backward split them over blocks (chunk state kept).
+    lists = _fwd_raw(args, bg, W, H, 3)
+    assert lists[14].numel() > 0 and _longest_list(lists) > 4 * 256
     static = [t.to(DEV, torch.float32).requires_grad_(i < 5) for i, t in enumerate(args)]
     bg_s = bg.to(DEV, torch.float32)
     cot = torch.randn(2, H, W, 3, device=DEV)

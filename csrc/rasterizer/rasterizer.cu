@@ -10,7 +10,8 @@
 //                order: the sort needs log2(images*tiles) bits instead of the peers' 64-bit tile|depth keys.
 //   ranges       start/end of every tile in the sorted list
 //   render       one 16x16 block per tile, Gaussians staged in shared memory in batches of 256, early exit
-//                once every pixel of the tile is saturated.
+//                once every pixel of the tile is saturated; with few images, long lists split over several
+//                blocks per tile (below).
 //
 // Overflow: the total number of intersections is known only on the device. An image whose intersections
 // did not all fit (its last offset > capacity) is rendered by the same kernels from its depth-sorted Gaussian
@@ -18,8 +19,33 @@
 // is right whatever the capacity. The Python wrapper reads the need back asynchronously and grows the
 // capacity for later calls. Everything is capturable in a CUDA graph.
 //
+// Chunk state (few images: images * tiles <= 4096, where one block per tile leaves most SMs idle): at every
+// 256-entry boundary b of a tile's list, each pixel's T and depth/colour sums before entry b, in slot
+// (start + b) / 256 (unique: see chunk_state_numel), and each pixel's final sums. Boundaries at or past a pixel's
+// stop are never read, so they need not be written.
+//
+// Forward split (default where the chunk state is kept and D <= 32; FLASHAVATAR_RAST_FWD=single: one block per
+// tile). The critical path of one block per tile is the longest list; instead:
+//   part pass     up to 16 blocks per tile (as many as the backward uses), block k blending part k of the list
+//                 (whole 256-entry chunks, spread evenly) from T = 1, a pixel stopping where its local T would
+//                 reach 1e-4 (the whole-list T, that times the front parts' T <= 1, would too). Its local state at
+//                 each boundary inside the part and at the part's end (frozen where it stopped) goes to the chunk
+//                 state (the last part's end: the final-sums region, T in its otherwise unused field 0), plus a
+//                 part_info word (local last, stopped) per pixel and boundary. Tiles of one part are done here.
+//   combine       one block per split tile, the parts in order with each pixel's running state g. g.T == 1
+//                 (nothing blended in front): the part's records already are the whole-list ones, same arithmetic.
+//                 Else each boundary record is rewritten in whole-list form (T = g.T T_local, sums = g +
+//                 g.T local) while the stop provably lies beyond it (raster::may_stop_before, 1e-3 relative
+//                 margin); from the first boundary where it may not, the part is re-walked entry by entry
+//                 (block-cooperative through shared memory, storing the boundaries crossed) to the stop or the
+//                 part's end. Short of float rounding the outputs, last_ids, transmittance and chunk state are the
+//                 single kernel's: products and sums are associated differently (~1e-7 relative), so a pixel whose
+//                 stop test lands within ~3e-4 relative of 1e-4 can stop one contributor earlier or later.
+// The blend loop of the split kernels computes 4 alphas ahead of the serial T updates (blend_batch).
+//
 // Backward: the same traversal in reverse from each pixel's last contributor; per-Gaussian gradients are
-// summed over the warp with shuffles before one atomicAdd per warp.
+// summed over the warp with shuffles before one atomicAdd per warp; with the chunk state, long lists split over
+// up to 16 blocks per tile, each starting from the state kept at its chunk's end boundary.
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: it needs cuSPARSE headers
 #include <c10/cuda/CUDAGuard.h>
@@ -239,106 +265,339 @@ __device__ __forceinline__ int list_entry(const Params& p, const TileList& l, in
   return flat;
 }
 
+// ------------------------------------------------------------------------------------------------------
+// Forward blend.
+
+// The forward blend's arrays, in one struct so that its kernels and helpers do not each repeat twenty pointers.
+struct FwdArgs {
+  const float2* means2d;      // [B*C*N]
+  const float* conics;        // [B*C*N, 3]
+  const float* opac;          // [B, N]
+  const float* colors_eval;   // [B*C*N, D]
+  const float* depths;        // [B*C*N]
+  const int32_t* radii;       // [B*C*N]
+  const int32_t* sorted_ids;  // [B*C*N]
+  const int32_t* isect;       // [capacity]
+  const int2* ranges;         // [B*C*tiles]
+  const int32_t* offsets;     // [B*C*N]
+  const float* bg;            // [B*C, D] or null
+  float* render;              // [B*C, H, W, D]
+  float* alpha;               // [B*C, H, W]
+  float* depth;               // [B*C, H, W]
+  int32_t* last_ids;          // [B*C, H, W]
+  float* trans;               // [B*C, H, W]
+  float* chunk_state;         // see chunk_state_numel; null: not kept
+  int64_t n_slots;            // boundary slots of chunk_state
+  int32_t* part_info;         // [n_slots * 256 + B*C*H*W] (split forward only, else null)
+};
+
+// A batch of up to 256 list entries staged in shared memory: mean and opacity, conic, depth, colour channels.
 template <int MAXD>
-__global__ void __launch_bounds__(kBlock)
-    render_fwd_kernel(Params p, int ch_off, int nch, const float2* __restrict__ means2d,
-                      const float* __restrict__ conics, const float* __restrict__ opac,
-                      const float* __restrict__ colors_eval, const float* __restrict__ depths,
-                      const int32_t* __restrict__ radii, const int32_t* __restrict__ sorted_ids,
-                      const int32_t* __restrict__ isect, const int2* __restrict__ ranges,
-                      const int32_t* __restrict__ offsets, const float* __restrict__ bg,  // [B*C, D] or null
-                      float* __restrict__ render,                                        // [B*C, H, W, D]
-                      float* __restrict__ alpha_out, float* __restrict__ depth_out,     // [B*C, H, W]
-                      int32_t* __restrict__ last_ids, float* __restrict__ trans_out,    // [B*C, H, W]
-                      float* __restrict__ chunk_state, int64_t n_slots) {               // null: not kept
-  // The batch of Gaussians, staged in shared memory: geometry, depth and this chunk's colour channels.
-  __shared__ float3 s_xyo[kBlock];
-  __shared__ float3 s_con[kBlock];
-  __shared__ float s_z[kBlock];
-  __shared__ float s_col[kBlock * MAXD];
+struct FwdBatch {
+  float3 xyo[kBlock];
+  float3 con[kBlock];
+  float z[kBlock];
+  float col[kBlock * MAXD];
+};
+
+// Thread tid stages list entry i (if i < end) with channels ch_off .. ch_off + nch - 1.
+template <int MAXD>
+__device__ __forceinline__ void stage_fwd_entry(const Params& p, const FwdArgs& a, const TileList& l, int img, int i,
+                                                int end, int tid, int ch_off, int nch, FwdBatch<MAXD>& s) {
+  if (i >= end) return;
+  float o;
+  const int flat = list_entry(p, l, img, i, a.sorted_ids, a.isect, a.radii, a.opac, o);
+  const float2 m = a.means2d[flat];
+  s.xyo[tid] = make_float3(m.x, m.y, o);
+  s.con[tid] = make_float3(a.conics[3 * flat], a.conics[3 * flat + 1], a.conics[3 * flat + 2]);
+  s.z[tid] = a.depths[flat];
+  const float* cp = a.colors_eval + int64_t(flat) * p.D + ch_off;
+#pragma unroll
+  for (int c = 0; c < MAXD; ++c)
+    if (c < nch) s.col[tid * MAXD + c] = cp[c];
+}
+
+// A pixel's blend state: transmittance, depth and colour sums, list position after its last contributor.
+template <int MAXD>
+struct BlendState {
+  float T, z, c[MAXD];
+  int last;
+  __device__ __forceinline__ void clear() {
+    T = 1.f;
+    z = 0.f;
+#pragma unroll
+    for (int i = 0; i < MAXD; ++i) c[i] = 0.f;
+    last = 0;
+  }
+};
+
+// Blends entries [0, nb) of the staged batch (list positions base, base + 1, ...) into the pixel's state until it
+// stops. U > 1 computes the alphas of U entries before their serial transmittance updates (alpha does not depend
+// on T): U independent exponentials for the scheduler, the same decisions in the same order, the same arithmetic.
+template <int MAXD, int U>
+__device__ __forceinline__ void blend_batch(const FwdBatch<MAXD>& s, int nb, int base, int nch, float fx, float fy,
+                                            BlendState<MAXD>& st, bool& stopped) {
+  for (int j0 = 0; j0 < nb; j0 += U) {
+    float al[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = min(j0 + u, nb - 1);  // past the batch: an entry of it, discarded below (no stale reads)
+      const float3 xyo = s.xyo[j];
+      const float3 co = s.con[j];
+      float vis;
+      al[u] = raster::gaussian_alpha(Sym2<float>{co.x, co.y, co.z}, xyo.z, fx - xyo.x, fy - xyo.y, vis);
+      if (j0 + u >= nb) al[u] = 0.f;  // fails the 1/255 test
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float next;
+      const raster::BlendStep step = raster::blend_step(al[u], st.T, next);
+      if (step == raster::BlendStep::kSkip) continue;
+      if (step == raster::BlendStep::kStop) {
+        stopped = true;
+        return;
+      }
+      const int j = j0 + u;
+      const float w = al[u] * st.T;
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < nch) st.c[c] += w * s.col[j * MAXD + c];
+      st.z += w * s.z[j];
+      st.T = next;
+      st.last = base + j + 1;
+    }
+  }
+}
+
+// One pixel's record in chunk_state: field f (0: T, 1: depth sum, 2 + c: colour sums) at p[f * stride]. Boundary
+// slots have stride 256 (indexed by the pixel's place in its tile), the final-sums region B*C*H*W (by pixel).
+struct Record {
+  float* p;
+  int64_t stride;
+  __device__ __forceinline__ float& operator[](int f) const { return p[f * stride]; }
+};
+// Index of (boundary b of the tile's list, pixel tid) in the slot arrays: slot (l.start + b) / 256 is unique to the
+// boundary (see chunk_state_numel).
+__device__ __forceinline__ int64_t boundary_index(const TileList& l, int b, int tid) {
+  return int64_t((l.start + b) / kBlock) * kBlock + tid;
+}
+__device__ __forceinline__ Record boundary_record(const Params& p, const FwdArgs& a, const TileList& l, int b,
+                                                  int tid) {
+  const int64_t i = boundary_index(l, b, tid);
+  return {a.chunk_state + (i - tid) * (2 + p.D) + tid, kBlock};
+}
+__device__ __forceinline__ Record final_record(const Params& p, const FwdArgs& a, int64_t pix) {
+  return {a.chunk_state + a.n_slots * (2 + p.D) * kBlock + pix, int64_t(p.B) * p.C * p.H * p.W};
+}
+template <int MAXD>
+__device__ __forceinline__ void store_record(const Record& r, const BlendState<MAXD>& st, int ch_off, int nch,
+                                             bool with_T) {
+  if (ch_off == 0) {
+    if (with_T) r[0] = st.T;
+    r[1] = st.z;
+  }
+#pragma unroll
+  for (int c = 0; c < MAXD; ++c)
+    if (c < nch) r[2 + ch_off + c] = st.c[c];
+}
+
+// Writes a pixel's outputs, and its final sums where the backward may split the tile's list.
+template <int MAXD>
+__device__ __forceinline__ void write_fwd_outputs(const Params& p, const FwdArgs& a, const TileList& l, int img,
+                                                  int64_t pix, int ch_off, int nch, const BlendState<MAXD>& st) {
+  float* out = a.render + pix * p.D + ch_off;
+  const float* bgi = a.bg ? a.bg + int64_t(img) * p.D + ch_off : nullptr;
+#pragma unroll
+  for (int c = 0; c < MAXD; ++c)
+    if (c < nch) out[c] = st.c[c] + (bgi ? st.T * bgi[c] : 0.f);
+  if (ch_off == 0) {
+    a.alpha[pix] = 1.f - st.T;
+    a.depth[pix] = st.z;
+    a.last_ids[pix] = st.last;
+    a.trans[pix] = st.T;
+  }
+  if (a.chunk_state != nullptr && !l.overflow && l.count > kBlock)  // for the backward chunks' "behind" sums
+    store_record(final_record(p, a, pix), st, ch_off, nch, false);
+}
+
+// One block per tile walks its whole list: many images (no chunk state), D > 32 (channel chunks), or
+// FLASHAVATAR_RAST_FWD=single. Its blend loop is the original one (blend_batch with U = 1).
+template <int MAXD>
+__global__ void __launch_bounds__(kBlock) render_fwd_kernel(Params p, int ch_off, int nch, FwdArgs a) {
+  __shared__ FwdBatch<MAXD> s;
   const int img = blockIdx.z;
   const int tile = blockIdx.y * p.tiles_x + blockIdx.x;
   const int tid = threadIdx.y * kTileSize + threadIdx.x;
   const int px = blockIdx.x * kTileSize + threadIdx.x, py = blockIdx.y * kTileSize + threadIdx.y;
   const bool inside = px < p.W && py < p.H;
-  const TileList l = tile_list(p, img, tile, offsets, ranges);
+  const TileList l = tile_list(p, img, tile, a.offsets, a.ranges);
   const float fx = px + 0.5f, fy = py + 0.5f;
-  float T = 1.f, accz = 0.f;
-  float acc[MAXD];
-#pragma unroll
-  for (int c = 0; c < MAXD; ++c) acc[c] = 0.f;
-  int last = 0;
+  BlendState<MAXD> st;
+  st.clear();
   bool done = !inside;
   for (int base = 0; base < l.count; base += kBlock) {
     // Barrier before overwriting the batch, and early exit when every pixel of the tile is finished.
     if (__syncthreads_count(done) == kBlock) break;
-    if (base > 0 && chunk_state != nullptr && !l.overflow) {
-      // State at this 256-entry boundary, where a backward block starts (slot unique: see rasterizer.cu top).
-      float* st = chunk_state + int64_t((l.start + base) / kBlock) * (2 + p.D) * kBlock;
-      if (ch_off == 0) {
-        st[tid] = T;
-        st[kBlock + tid] = accz;
-      }
-#pragma unroll
-      for (int c = 0; c < MAXD; ++c)
-        if (c < nch) st[(2 + ch_off + c) * kBlock + tid] = acc[c];
-    }
-    const int i = base + tid;
-    if (i < l.count) {
-      float o;
-      const int flat = list_entry(p, l, img, i, sorted_ids, isect, radii, opac, o);
-      const float2 m = means2d[flat];
-      s_xyo[tid] = make_float3(m.x, m.y, o);
-      s_con[tid] = make_float3(conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]);
-      s_z[tid] = depths[flat];
-      const float* cp = colors_eval + int64_t(flat) * p.D + ch_off;
-#pragma unroll
-      for (int c = 0; c < MAXD; ++c)
-        if (c < nch) s_col[tid * MAXD + c] = cp[c];
-    }
+    // State at this 256-entry boundary, where a backward block starts.
+    if (base > 0 && a.chunk_state != nullptr && !l.overflow)
+      store_record(boundary_record(p, a, l, base, tid), st, ch_off, nch, true);
+    stage_fwd_entry(p, a, l, img, base + tid, l.count, tid, ch_off, nch, s);
     __syncthreads();
-    const int nb = min(kBlock, l.count - base);
-    for (int j = 0; j < nb && !done; ++j) {
-      const float3 xyo = s_xyo[j];
-      const float3 co = s_con[j];
-      float vis;
-      const float a = raster::gaussian_alpha(Sym2<float>{co.x, co.y, co.z}, xyo.z, fx - xyo.x, fy - xyo.y, vis);
-      if (a < raster::alpha_threshold<float>()) continue;
-      const float next = T * (1.f - a);
-      if (next <= raster::min_transmittance<float>()) {
-        done = true;
-        break;
-      }
-      const float w = a * T;
+    if (!done) blend_batch<MAXD, 1>(s, min(kBlock, l.count - base), base, nch, fx, fy, st, done);
+  }
+  if (!inside) return;
+  write_fwd_outputs(p, a, l, img, (int64_t(img) * p.H + py) * p.W + px, ch_off, nch, st);
+}
+
+// ---- Split forward: a tile's list in up to grid_chunks parts (whole 256-entry chunks), one block each, then a
+// combine pass (rasterizer.cu top). Only with the chunk state kept and D <= 32 (one channel chunk).
+constexpr int kIlp = 4;  // alphas computed ahead of the serial blend (blend_batch)
+
+// Parts of the tile's list: one for short lists (<= 256 entries) and overflowed images.
+__device__ __forceinline__ int split_parts(const FwdArgs& a, const TileList& l, int grid_chunks) {
+  if (l.overflow || a.chunk_state == nullptr) return 1;
+  return max(1, min(grid_chunks, (l.count + kBlock - 1) / kBlock));
+}
+// Entries [x, y) of part k: the list's 256-entry chunks spread evenly over the parts.
+__device__ __forceinline__ int2 part_range(int count, int parts, int k) {
+  const int chunks = (count + kBlock - 1) / kBlock;
+  return make_int2(k * chunks / parts * kBlock, min(count, (k + 1) * chunks / parts * kBlock));
+}
+// part_info word: a pixel's last (list position after its last contributor, 0: none) and whether it stopped.
+__device__ __forceinline__ int32_t part_info_word(int last, bool stopped) { return stopped ? ~last : last; }
+
+// Walks entries [begin, end) of the tile's list front to back, a 256-entry batch at a time through shared memory
+// (the block's barriers are uniform). The pixel blends from entry `from` on (a batch start; >= end: not at all)
+// until it stops; the block leaves once no pixel blends any more. At each 256-entry boundary b in (begin, end)
+// the pixel stores its state into b's slot if it has blended up to b and not stopped, and (with_info) its
+// part_info word there.
+template <int MAXD>
+__device__ void walk_part(const Params& p, const FwdArgs& a, const TileList& l, int img, int begin, int end,
+                          int from, bool with_info, int tid, float fx, float fy, FwdBatch<MAXD>& s,
+                          BlendState<MAXD>& st, bool& stopped) {
+  for (int base = begin; base < end; base += kBlock) {
+    if (base > begin) {
+      if (a.chunk_state != nullptr && !l.overflow && !stopped && from < base)
+        store_record(boundary_record(p, a, l, base, tid), st, 0, p.D, true);
+      if (with_info) a.part_info[boundary_index(l, base, tid)] = part_info_word(st.last, stopped);
+    }
+    const bool blends = !stopped && from <= base;
+    if (!__syncthreads_or(blends)) {  // also the barrier before overwriting the batch
+      if (!__syncthreads_or(!stopped)) break;
+      continue;  // pixels waiting for a later batch
+    }
+    stage_fwd_entry(p, a, l, img, base + tid, end, tid, 0, p.D, s);
+    __syncthreads();
+    if (blends) blend_batch<MAXD, kIlp>(s, min(kBlock, end - base), base, p.D, fx, fy, st, stopped);
+  }
+}
+
+// Pass 1, grid (tiles_x, tiles_y, images * grid_chunks): block (tile, k) blends part k of the tile's list from
+// T = 1, stopping a pixel where its local transmittance would drop to 1e-4 or below (the whole-list one, a
+// product with the parts in front <= 1, drops there too). A tile of one part is finished here (outputs as
+// render_fwd_kernel); otherwise each pixel's local state goes to the part's records: at inner boundaries
+// (chunk_state slots + part_info words) and at the part's end (the slot of the next part's start, or the
+// final-sums region with T in field 0 for the last part; frozen where the pixel stopped).
+template <int MAXD>
+__global__ void __launch_bounds__(kBlock) render_fwd_part_kernel(Params p, FwdArgs a, int grid_chunks) {
+  __shared__ FwdBatch<MAXD> s;
+  const int img = blockIdx.z / grid_chunks, part = blockIdx.z % grid_chunks;
+  const int tile = blockIdx.y * p.tiles_x + blockIdx.x;
+  const TileList l = tile_list(p, img, tile, a.offsets, a.ranges);
+  const int parts = split_parts(a, l, grid_chunks);
+  if (part >= parts) return;  // uniform over the block
+  const int tid = threadIdx.y * kTileSize + threadIdx.x;
+  const int px = blockIdx.x * kTileSize + threadIdx.x, py = blockIdx.y * kTileSize + threadIdx.y;
+  const bool inside = px < p.W && py < p.H;
+  const int64_t pix = (int64_t(img) * p.H + py) * p.W + px;
+  const int2 r = part_range(l.count, parts, part);
+  BlendState<MAXD> st;
+  st.clear();
+  bool stopped = !inside;
+  walk_part(p, a, l, img, r.x, r.y, r.x, parts > 1, tid, px + 0.5f, py + 0.5f, s, st, stopped);
+  if (!inside) return;
+  if (parts == 1) {
+    write_fwd_outputs(p, a, l, img, pix, 0, p.D, st);
+    return;
+  }
+  const bool last_part = part == parts - 1;
+  store_record(last_part ? final_record(p, a, pix) : boundary_record(p, a, l, r.y, tid), st, 0, p.D, true);
+  a.part_info[last_part ? a.n_slots * kBlock + pix : boundary_index(l, r.y, tid)] =
+      part_info_word(st.last, stopped);
+}
+
+// Pass 2, one block per tile of several parts, one thread per pixel: the parts in order with the pixel's running
+// whole-list state g. Nothing blended in front (g.T == 1): the part's walk was the whole-list walk (same
+// arithmetic from the same state), take its end record as it is. Otherwise go through the part's boundaries
+// while the stop provably lies beyond them (part_info not stopped, may_stop_before false), rewriting each record
+// to whole-list form (T = g.T T_local, sums = g + g.T local); at the first boundary where the stop may lie before
+// it, re-walk the part from the last boundary passed, entry by entry (block-cooperative, storing the boundaries
+// it crosses), to the stop or the part's end. Then the outputs and the final sums.
+template <int MAXD>
+__global__ void __launch_bounds__(kBlock) render_fwd_combine_kernel(Params p, FwdArgs a, int grid_chunks) {
+  __shared__ FwdBatch<MAXD> s;
+  const int img = blockIdx.z;
+  const int tile = blockIdx.y * p.tiles_x + blockIdx.x;
+  const TileList l = tile_list(p, img, tile, a.offsets, a.ranges);
+  const int parts = split_parts(a, l, grid_chunks);
+  if (parts == 1) return;  // finished by pass 1 (uniform over the block)
+  const int tid = threadIdx.y * kTileSize + threadIdx.x;
+  const int px = blockIdx.x * kTileSize + threadIdx.x, py = blockIdx.y * kTileSize + threadIdx.y;
+  const bool inside = px < p.W && py < p.H;
+  const int64_t pix = (int64_t(img) * p.H + py) * p.W + px;
+  const int64_t final_info = a.n_slots * kBlock + pix;
+  BlendState<MAXD> g;
+  g.clear();
+  bool fin = !inside;  // stopped (or outside the image)
+  for (int k = 0; k < parts; ++k) {
+    if (!__syncthreads_or(!fin)) break;  // every pixel of the tile has stopped
+    const int2 r = part_range(l.count, parts, k);
+    const bool last_part = k == parts - 1;
+    int from = r.y;  // where this pixel re-walks the part from (r.y: it does not)
+    if (!fin && g.T == 1.f) {
+      const Record e = last_part ? final_record(p, a, pix) : boundary_record(p, a, l, r.y, tid);
+      const int32_t w = a.part_info[last_part ? final_info : boundary_index(l, r.y, tid)];
+      g.T = e[0];
+      g.z = e[1];
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
-        if (c < nch) acc[c] += w * s_col[j * MAXD + c];
-      accz += w * s_z[j];
-      T = next;
-      last = base + j + 1;
+        if (c < p.D) g.c[c] = e[2 + c];
+      g.last = w < 0 ? ~w : w;
+      fin = w < 0;
+    } else if (!fin) {
+      // State at the part's start: g, which is also in the record of that boundary (k > 0 here; the previous
+      // part stored it there). Its colour sums are read back from there rather than copied (registers, D = 32).
+      const Record front = boundary_record(p, a, l, r.x, tid);
+      const float t_front = g.T, z_front = g.z;
+      const int last_front = g.last;
+      from = r.x;
+      for (int b = min(r.x + kBlock, r.y);; b = min(b + kBlock, r.y)) {
+        const bool at_final = last_part && b == r.y;
+        const Record rec = at_final ? final_record(p, a, pix) : boundary_record(p, a, l, b, tid);
+        const int32_t w = a.part_info[at_final ? final_info : boundary_index(l, b, tid)];
+        if (w < 0 || raster::may_stop_before(t_front, rec[0])) break;  // the stop may lie before b
+        g.T = t_front * rec[0];
+        g.z = raster::sum_behind(z_front, t_front, rec[1]);
+#pragma unroll
+        for (int c = 0; c < MAXD; ++c)
+          if (c < p.D) g.c[c] = raster::sum_behind(front[2 + c], t_front, rec[2 + c]);
+        g.last = w > 0 ? w : last_front;
+        if (!at_final) store_record(rec, g, 0, p.D, true);
+        from = b;
+        if (b == r.y) break;
+      }
+    }
+    bool stop = from >= r.y;  // true: no re-walk for this pixel
+    walk_part(p, a, l, img, r.x, r.y, from, false, tid, px + 0.5f, py + 0.5f, s, g, stop);
+    if (from < r.y) {
+      if (stop)
+        fin = true;
+      else if (!last_part)
+        store_record(boundary_record(p, a, l, r.y, tid), g, 0, p.D, true);
     }
   }
   if (!inside) return;
-  const int64_t pix = (int64_t(img) * p.H + py) * p.W + px;
-  float* out = render + pix * p.D + ch_off;
-  const float* bgi = bg ? bg + int64_t(img) * p.D + ch_off : nullptr;
-#pragma unroll
-  for (int c = 0; c < MAXD; ++c)
-    if (c < nch) out[c] = acc[c] + (bgi ? T * bgi[c] : 0.f);
-  if (ch_off == 0) {
-    alpha_out[pix] = 1.f - T;
-    depth_out[pix] = accz;
-    last_ids[pix] = last;
-    trans_out[pix] = T;
-  }
-  if (chunk_state != nullptr && !l.overflow && l.count > kBlock) {  // final sums, for the chunks' "behind" sums
-    const int64_t npix = int64_t(p.B) * p.C * p.H * p.W;
-    float* fin = chunk_state + n_slots * (2 + p.D) * kBlock;
-    if (ch_off == 0) fin[npix + pix] = accz;
-#pragma unroll
-    for (int c = 0; c < MAXD; ++c)
-      if (c < nch) fin[(2 + ch_off + c) * npix + pix] = acc[c];
-  }
+  write_fwd_outputs(p, a, l, img, pix, 0, p.D, g);
 }
 
 // Per-image geometry gradient row: mx, my, conic a, b, c, depth (+2 pad: one 32-byte sector per Gaussian).
@@ -811,7 +1070,10 @@ Params make_params(const at::Tensor& means, const at::Tensor& colors, const at::
 }
 
 // Chunk state (see rasterizer.h): [slots][2 + D][256] boundary states, then [2 + D][B*C*H*W] final sums (field 0
-// unused there). Kept only where splitting helps (few images: too few busy tiles to fill the GPU) and it is small.
+// not an output there; the split forward's scratch). Kept only where splitting helps (few images: too few busy
+// tiles to fill the GPU) and it is small. Slot (start + b) / 256 of boundary b (256 <= b < count) of a tile's
+// list [start, start + count) of the intersection buffer is unique: a tile's boundaries are 256 apart, and the
+// next tile's lie at >= its start + 256 >= this tile's end + 256, so in a higher slot.
 // flashavatar/ops/rasterize.py (_chunk_state_numel) computes the same size for the fake kernel.
 int64_t chunk_slots(int64_t capacity) { return (capacity + kBlock - 1) / kBlock; }
 int64_t chunk_state_numel(int64_t images, int64_t tiles, int64_t H, int64_t W, int64_t D, int64_t capacity) {
@@ -864,7 +1126,8 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
   //   outputs: last_ids, trans [B*C*H*W] | sorted_ids, offsets [BCN] | isect_ids [capacity] | ranges [BC*tiles, 2]
   //            | chunk_state (float)
   //   scratch: tile_rect [BCN, 4] | tile_counts, depth_vals [BCN] | keys, vals, keys_sorted [capacity] |
-  //            depth keys in / out [BCN] uint64 | cub temp storage (the largest of its three calls)
+  //            depth keys in / out [BCN] uint64 | cub temp storage (the largest of its three calls) |
+  //            (split forward) part_info [slots * 256 + B*C*H*W]
   const int64_t HW = H * W;
   const uint32_t sentinel = uint32_t(BC * tiles);
   const int depth_end_bit = 32 + bits_for(uint64_t(BC - 1));
@@ -892,13 +1155,20 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
     return at;
   };
   const int64_t n_chunk = chunk_state_numel(BC, tiles, H, W, D, capacity);
+  // FLASHAVATAR_RAST_FWD=single selects the one-block-per-tile blend (benchmark comparisons); default: long lists
+  // split over blocks (render_fwd_part_kernel + render_fwd_combine_kernel) where the chunk state is kept and the
+  // channels fit one chunk (D <= 32).
+  const char* fwd_variant = std::getenv("FLASHAVATAR_RAST_FWD");
+  const bool split = n_chunk > 0 && D <= 32 && !(fwd_variant && std::string_view(fwd_variant) == "single");
+  const int64_t n_part_info = split ? chunk_slots(capacity) * kBlock + BC * HW : 0;
   const int64_t o_last = segment(BC * HW), o_trans = segment(BC * HW), o_sorted = segment(BCN),
                 o_offsets = segment(BCN), o_isect = segment(capacity), o_ranges = segment(BC * tiles * 2),
                 o_chunk = segment(n_chunk);
   const int64_t o_rect = segment(N > 0 ? 4 * BCN : 0), o_counts = segment(N > 0 ? BCN : 0),
                 o_dvals = segment(N > 0 ? BCN : 0), o_keys = segment(N > 0 ? capacity : 0),
                 o_vals = segment(N > 0 ? capacity : 0), o_keys_sorted = segment(N > 0 ? capacity : 0),
-                o_dkeys = segment(N > 0 ? 4 * BCN : 0), o_temp = segment(N > 0 ? temp_ints : 0);
+                o_dkeys = segment(N > 0 ? 4 * BCN : 0), o_temp = segment(N > 0 ? temp_ints : 0),
+                o_part_info = segment(n_part_info);
   at::Tensor state = at::empty({used}, iopts);
   auto part = [&](int64_t off, int64_t n) { return state.narrow(0, off, n); };
   at::Tensor last_ids = part(o_last, BC * HW).view({B, C, H, W});
@@ -961,17 +1231,41 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
   }
 
   const dim3 grid(p.tiles_x, p.tiles_y, unsigned(BC)), block(kTileSize, kTileSize);
-  const float* bg_ptr = has_bg ? backgrounds->data_ptr<float>() : nullptr;
-  for_each_channel_chunk(int(D), [&](auto maxd, int off, int nch) {
-    render_fwd_kernel<decltype(maxd)::value><<<grid, block, 0, stream>>>(
-        p, off, nch, reinterpret_cast<const float2*>(means2d.data_ptr<float>()), conics.data_ptr<float>(),
-        opacities.data_ptr<float>(), colors_eval.data_ptr<float>(), depths.data_ptr<float>(),
-        radii.data_ptr<int32_t>(), sorted_ids.data_ptr<int32_t>(), isect_ids.data_ptr<int32_t>(),
-        reinterpret_cast<const int2*>(ranges.data_ptr<int32_t>()), offsets.data_ptr<int32_t>(), bg_ptr,
-        render.data_ptr<float>(), alpha.data_ptr<float>(), depth.data_ptr<float>(), last_ids.data_ptr<int32_t>(),
-        trans.data_ptr<float>(), n_chunk > 0 ? chunk_state.data_ptr<float>() : nullptr, chunk_slots(capacity));
-    FA_CUDA_CHECK_LAUNCH();
-  });
+  FwdArgs a;
+  a.means2d = reinterpret_cast<const float2*>(means2d.data_ptr<float>());
+  a.conics = conics.data_ptr<float>();
+  a.opac = opacities.data_ptr<float>();
+  a.colors_eval = colors_eval.data_ptr<float>();
+  a.depths = depths.data_ptr<float>();
+  a.radii = radii.data_ptr<int32_t>();
+  a.sorted_ids = sorted_ids.data_ptr<int32_t>();
+  a.isect = isect_ids.data_ptr<int32_t>();
+  a.ranges = reinterpret_cast<const int2*>(ranges.data_ptr<int32_t>());
+  a.offsets = offsets.data_ptr<int32_t>();
+  a.bg = has_bg ? backgrounds->data_ptr<float>() : nullptr;
+  a.render = render.data_ptr<float>();
+  a.alpha = alpha.data_ptr<float>();
+  a.depth = depth.data_ptr<float>();
+  a.last_ids = last_ids.data_ptr<int32_t>();
+  a.trans = trans.data_ptr<float>();
+  a.chunk_state = n_chunk > 0 ? chunk_state.data_ptr<float>() : nullptr;
+  a.n_slots = chunk_slots(capacity);
+  a.part_info = split ? state.data_ptr<int32_t>() + o_part_info : nullptr;
+  if (split) {
+    const int grid_chunks = backward_chunks(BC, tiles);
+    const dim3 grid_parts(p.tiles_x, p.tiles_y, unsigned(BC * grid_chunks));
+    for_each_channel_chunk(int(D), [&](auto maxd, int, int) {  // one chunk: D <= 32
+      render_fwd_part_kernel<decltype(maxd)::value><<<grid_parts, block, 0, stream>>>(p, a, grid_chunks);
+      FA_CUDA_CHECK_LAUNCH();
+      render_fwd_combine_kernel<decltype(maxd)::value><<<grid, block, 0, stream>>>(p, a, grid_chunks);
+      FA_CUDA_CHECK_LAUNCH();
+    });
+  } else {
+    for_each_channel_chunk(int(D), [&](auto maxd, int off, int nch) {
+      render_fwd_kernel<decltype(maxd)::value><<<grid, block, 0, stream>>>(p, off, nch, a);
+      FA_CUDA_CHECK_LAUNCH();
+    });
+  }
   return {render, alpha, depth, radii, means2d, conics, colors_eval, depths, last_ids, trans,
           sorted_ids, isect_ids, ranges, offsets, chunk_state};
 }

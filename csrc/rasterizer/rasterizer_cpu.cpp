@@ -161,9 +161,10 @@ T blend_pixel(const std::vector<int64_t>& order, const std::vector<Projected<T>>
     const T dx = px - p.mx, dy = py - p.my;
     T vis;
     const T alpha = raster::gaussian_alpha(p.conic, opac[id], dx, dy, vis);
-    if (alpha < raster::alpha_threshold<T>()) continue;
-    const T next = trans * (T(1) - alpha);
-    if (next <= raster::min_transmittance<T>()) break;
+    T next;
+    const raster::BlendStep step = raster::blend_step(alpha, trans, next);
+    if (step == raster::BlendStep::kSkip) continue;
+    if (step == raster::BlendStep::kStop) break;
     hit(Hit<T>{id, alpha, vis, trans, dx, dy});
     trans = next;
   }
