@@ -140,7 +140,7 @@ def profile_stages(trainer, device: torch.device, steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     avatar, session = trainer.avatar, trainer.session
-    hooks = [(avatar.flame, "forward", "flame"), (avatar, "mlp", "mlp"), (avatar, "forward", "avatar"),
+    hooks = [(avatar.flame, "forward", "flame"), (avatar, "mlp_outputs", "mlp"), (avatar, "forward", "avatar"),
              (session, "render_gaussians", "raster_fwd")]
     for obj, attr, label in hooks:
         _wrap(obj, attr, label)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Device calls for the forward-blend split (third H200 session, 2026-12-03). From the repository root; logs to $OUT.
+#   fwd     build, the rasteriser / fast-path GPU tests, bench_rasterize (forward split vs single), end-to-end bench
+#           (untrained uv 128: split at batches 1/16/64, FLASHAVATAR_RAST_FWD=single at batch 1)
+#   check   a short gpu-preset training (uv 128, TRAIN_ITS iterations) and `flashavatar bench --run` on it with the
+#           split and the single forward; REPRO_SET: a training configuration to re-run (a crash seen in a parallel
+#           run); then the whole test suite
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/fa_train}; mkdir -p "$OUT" "$WORK"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
+t0=$(date +%s); el() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+nvidia-smi --query-gpu=name --format=csv,noheader
+if ! ls flashavatar/_C*.so >/dev/null 2>&1; then
+  MAX_JOBS=16 FORCE_CUDA=1 python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  el build
+fi
+e2e() {  # variant (split|single), batch sizes..., [--run DIR via RUN_DIR]
+  local v=$1; shift
+  if [ "$v" = single ]; then export FLASHAVATAR_RAST_FWD=single; else unset FLASHAVATAR_RAST_FWD; fi
+  if [ -n "${RUN_DIR:-}" ]; then
+    timeout 150 python3 -m flashavatar.cli bench --run "$RUN_DIR" --dtypes bf16 --batch-sizes "$@" --no-gsplat \
+      --out "$OUT/e2e_trained_$v.json" >"$OUT/e2e_trained_$v.log" 2>&1; el "e2e trained $v rc=$?"
+    grep -v "^  batch" "$OUT/e2e_trained_$v.log" | grep -i "graph\|fps\|frames" | tail -8
+  else
+    timeout 150 python3 benchmarks/bench_end_to_end.py --out "$OUT/e2e_$v.json" --no-gsplat --no-compile --dtypes bf16 \
+      --uv-size 128 --batch-sizes "$@" --max-seconds 90 >"$OUT/e2e_$v.log" 2>&1; el "e2e $v rc=$?"
+    grep -v "^  batch" "$OUT/e2e_$v.log" | grep -i "graph\|fps\|frames" | tail -10
+  fi
+  unset FLASHAVATAR_RAST_FWD
+}
+if [ "${1:-fwd}" = fwd ]; then
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_rasterize_cuda.py tests/test_rasterize.py \
+    tests/test_fast_path.py >"$OUT/pytest_raster.log" 2>&1; el "pytest rc=$?"; tail -2 "$OUT/pytest_raster.log"
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest_raster.log" | head
+  timeout 150 python3 benchmarks/bench_rasterize.py --quick --no-gsplat --sizes 15000,50000 --out "$OUT/rasterize.json" 2>&1 \
+    | grep -v "Warning\|_warn_once\|^{" >"$OUT/rasterize.log"; el raster; tail -25 "$OUT/rasterize.log"
+  e2e split 1 16 64
+  e2e single 1
+else
+  DATA="$WORK/synth_300x512"
+  [ -d "$DATA/synthetic" ] || python3 -m flashavatar.cli synth "$DATA" --frames 300 --size 512 >"$OUT/synth.log" 2>&1
+  el synth
+  train() {  # name, extra words
+    # shellcheck disable=SC2086
+    timeout ${TRAIN_TIMEOUT:-150} python3 -m flashavatar.cli train --data "$DATA" --subject synthetic --out "$WORK/run_$1" \
+      --preset gpu --no-progress --set data.n_test=100 --set train.tensorboard=false $2 2>&1 \
+      | grep -v "^INFO flashavatar.rasterize" >"$OUT/train_$1.log"
+    el "train $1 rc=$?"; grep -i "trained to\|error\|test (32" "$OUT/train_$1.log" | cut -c1-250 | head -5
+  }
+  [ -n "${REPRO_SET:-}" ] && train repro "$REPRO_SET"
+  train plain "--set train.iterations=${TRAIN_ITS:-8000} --set train.eval_every=2000"
+  RUN_DIR="$WORK/run_plain" e2e split 1 16 64
+  RUN_DIR="$WORK/run_plain" e2e single 1
+  timeout ${TEST_TIMEOUT:-220} python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests >"$OUT/pytest_all.log" 2>&1
+  el "pytest rc=$?"; tail -2 "$OUT/pytest_all.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_all.log" | head
+fi
+el total
