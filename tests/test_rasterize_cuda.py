@@ -278,8 +278,7 @@ def test_cuda_split_forward_with_an_overflowed_image(monkeypatch):
     assert part[14].numel() > 0
     for i in (0, 1, 2, 8, 9):  # the first image: the same split walk over the same lists
         assert torch.equal(part[i][:, 0], full[i][:, 0]), i
-    same = part[8] == full[8]
-    assert (~same).double().mean() <= 2e-3
+    # (last_ids of the second image are positions in another list: its depth-sorted Gaussians, not its tiles')
     for i, name in ((0, "render"), (1, "alpha"), (2, "depth"), (9, "transmittance")):
         _assert_mostly_close(part[i], full[i], name, atol=2e-5, rtol=1e-4)
     cot = _cot([(2, H, W, 3), (2, H, W, 1), (2, H, W, 1)], 7)
