@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Device calls for the forward-blend split (third H200 session, 2026-12-03). From the repository root; logs to $OUT.
+# Device calls for the forward-blend split (third H200 session, 2026-12-03; the split is opt-in since then,
+# FLASHAVATAR_RAST_FWD=split). From the repository root; logs to $OUT. Carry .whl for the full suite (pot, geomloss).
 #   fwd     build, the rasteriser / fast-path GPU tests, bench_rasterize (forward split vs single), end-to-end bench
 #           (untrained uv 128: split at batches 1/16/64, FLASHAVATAR_RAST_FWD=single at batch 1)
 #   check   a short gpu-preset training (uv 128, TRAIN_ITS iterations) and `flashavatar bench --run` on it with the
@@ -9,6 +10,10 @@ set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/fa_train}; mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
+if ls .whl/*.whl >/dev/null 2>&1; then  # peers for the tests (the device cannot download)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >/dev/null 2>&1 && export PYTHONPATH=$PWD:/tmp/site
+fi
 t0=$(date +%s); el() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 nvidia-smi --query-gpu=name --format=csv,noheader
 if ! ls flashavatar/_C*.so >/dev/null 2>&1; then
@@ -17,7 +22,7 @@ if ! ls flashavatar/_C*.so >/dev/null 2>&1; then
 fi
 e2e() {  # variant (split|single), batch sizes..., [--run DIR via RUN_DIR]
   local v=$1; shift
-  if [ "$v" = single ]; then export FLASHAVATAR_RAST_FWD=single; else unset FLASHAVATAR_RAST_FWD; fi
+  export FLASHAVATAR_RAST_FWD=$v
   if [ -n "${RUN_DIR:-}" ]; then
     timeout 150 python3 -m flashavatar.cli bench --run "$RUN_DIR" --dtypes bf16 --batch-sizes "$@" --no-gsplat \
       --out "$OUT/e2e_trained_$v.json" >"$OUT/e2e_trained_$v.log" 2>&1; el "e2e trained $v rc=$?"

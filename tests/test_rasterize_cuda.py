@@ -226,7 +226,7 @@ def _assert_split_matches_single(split, single, D, width, height):
 def test_cuda_split_forward_matches_single(kind, n, d, sh, bg, width, height, monkeypatch):
     args, backgrounds = _long_scene(kind, n, d=d, sh=sh, seed=30 + d + (sh or 0), width=width, height=height,
                                     bg=bg)
-    monkeypatch.delenv("FLASHAVATAR_RAST_FWD", raising=False)
+    monkeypatch.setenv("FLASHAVATAR_RAST_FWD", "split")
     split = _fwd_raw(args, backgrounds, width, height, sh)
     monkeypatch.setenv("FLASHAVATAR_RAST_FWD", "single")
     single = _fwd_raw(args, backgrounds, width, height, sh)
@@ -253,7 +253,7 @@ def test_cuda_split_forward_backward_matches_cpu(kind, d, sh, bg, monkeypatch):
     W, H = 64, 48
     args, backgrounds = _long_scene(kind, 5000, d=d, sh=sh, seed=40 + (sh or 0), bg=bg)
     monkeypatch.setattr(rast, "_FORCE_CAPACITY", BIG_CAPACITY)
-    monkeypatch.delenv("FLASHAVATAR_RAST_FWD", raising=False)
+    monkeypatch.setenv("FLASHAVATAR_RAST_FWD", "split")
     assert _longest_list(_fwd_raw(args, backgrounds, W, H, sh)) > 8 * 256
     cot = _cot([(2, H, W, d), (2, H, W, 1), (2, H, W, 1)], 6)
     out, g = _run_against_cpu(args, backgrounds, W, H, sh, cot, tol=5e-3)
@@ -269,7 +269,7 @@ def test_cuda_split_forward_with_an_overflowed_image(monkeypatch):
     # second's do not (it walks its whole depth-sorted list in one block). Against the call with room for both.
     W, H, n = 64, 48, 5000
     args, bg = _long_scene("layered", n, seed=50)
-    monkeypatch.delenv("FLASHAVATAR_RAST_FWD", raising=False)
+    monkeypatch.setenv("FLASHAVATAR_RAST_FWD", "split")
     full = _fwd_raw(args, bg, W, H, None)
     need0, need = int(full[13][n - 1]), int(full[13][-1])  # offsets: inclusive over both images
     cap = (need0 + need) // 2
@@ -340,7 +340,9 @@ def test_batched_equals_separate_calls():
             torch.testing.assert_close(x[i], y, atol=1e-4, rtol=1e-4)
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("fwd", ["single", "split"])
+def test_cuda_graph_capture_and_replay(fwd, monkeypatch):
+    monkeypatch.setenv("FLASHAVATAR_RAST_FWD", fwd)
     W, H = 96, 64
     args, bg = _scene(5000, d=3, sh=3, seed=5, cams=2, width=W, height=H, scale=0.008)
     # Lists of up to ~1800 entries: the forward and the backward split them over blocks (chunk state kept).
