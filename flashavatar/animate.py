@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .model.avatar import SH_C0, positional_encoding
+from .model.avatar import frame_sh, positional_encoding
 from .model.camera import rot6d_to_matrix
 from .model.flame import FlameCodes, kinematic_chain
 
@@ -478,13 +478,9 @@ class Animator:
             means, quats, scales = self._assemble_fn(verts, raw)
         d = self.avatar.active_sh_degree if sh_degree is None else int(sh_degree)
         k = (d + 1) ** 2
-        if color is None:
-            sh = self.sh[:, :k].expand(B, N, k, 3)
-        else:  # the DC band shifted per frame (colour = 0.5 + C0 · dc), as GaussianAvatar.frame_sh
-            if tuple(color.shape) != (B, N, 3):
-                raise ValueError(f"Animator.assemble: color has shape {tuple(color.shape)}, expected [{B}, {N}, 3]")
-            dc = torch.add(self.sh[None, :, :1], color[:, :, None], alpha=1.0 / SH_C0)  # [B, N, 1, 3]
-            sh = torch.cat((dc, self.sh[None, :, 1:k].expand(B, N, k - 1, 3)), dim=2) if k > 1 else dc
+        if color is not None and tuple(color.shape) != (B, N, 3):
+            raise ValueError(f"Animator.assemble: color has shape {tuple(color.shape)}, expected [{B}, {N}, 3]")
+        sh = frame_sh(self.sh[:, :k], color, B)  # [B, N, k, 3]
         return {"means": means, "quats": quats, "scales": scales,
                 "opacities": self.opacities.expand(B, N), "sh": sh, "sh_degree": d}
 

@@ -33,6 +33,16 @@ DEFAULT_LRS = {"mlp": 1e-4, "f_dc": 2.5e-3, "f_rest": 2.5e-3 / 20, "opacity": 5e
 SH_C0 = 0.28209479177387814  # band-0 SH constant: colour = 0.5 + C0 · f_dc (3DGS convention)
 
 
+
+def frame_sh(sh: torch.Tensor, color: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """SH coefficients per frame ``[B, N, K, 3]`` from the per-Gaussian ``sh [N, K, 3]``: an expanded view, or with a
+    colour offset ``color [B, N, 3]`` (RGB) the DC band shifted by it (the DC band's colour is 0.5 + C0 · dc, so an
+    RGB offset is offset / C0 in dc)."""
+    if color is None:
+        return sh.expand(batch, *sh.shape)
+    dc = sh[None, :, :1] + (color / SH_C0)[:, :, None]  # [B, N, 1, 3]
+    return torch.cat((dc, sh[None, :, 1:].expand(batch, -1, -1, -1)), dim=2)
+
 # ------------------------------------------------------------------------------------------- UV sampling
 @dataclass
 class UVSamples:
@@ -338,14 +348,8 @@ class GaussianAvatar(nn.Module):
         return raw, self.color_offset * torch.tanh(self.mlp_color(h))
 
     def frame_sh(self, color: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """SH coefficients per frame ``[B, N, K, 3]``: the free per-Gaussian SH (an expanded view) or, with a
-        colour offset ``color [B, N, 3]`` (RGB), the DC band shifted by it (the DC band's colour is
-        0.5 + C0 · dc, so an RGB offset is offset / C0 in dc)."""
-        sh = torch.cat((self.features_dc, self.features_rest), dim=1)  # [N, K, 3]
-        if color is None:
-            return sh.expand(batch, *sh.shape)
-        dc = self.features_dc[None] + (color / SH_C0)[:, :, None]  # [B, N, 1, 3]
-        return torch.cat((dc, self.features_rest.expand(batch, *self.features_rest.shape)), dim=2)
+        """SH coefficients per frame ``[B, N, K, 3]`` (see :func:`frame_sh`)."""
+        return frame_sh(torch.cat((self.features_dc, self.features_rest), dim=1), color, batch)
 
     def face_frames(self, vertices: torch.Tensor, tri: torch.Tensor | None = None) -> torch.Tensor:
         """Orthonormal tangent frame per Gaussian's triangle as quaternions ``[B, N, 4]``: columns
