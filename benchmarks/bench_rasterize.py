@@ -173,8 +173,8 @@ def blend_variants(env, names, args, cot, reps, profiled="fwd_bwd") -> dict:
     the default, `env` unset), and the top kernels of the `profiled` function.
     FLASHAVATAR_RAST_BWD: split (default: reduce-scatter, long tile lists split over blocks), warp (reduce-scatter,
     one block per tile), block (the previous kernel: butterfly sums, per-block shared-memory sums).
-    FLASHAVATAR_RAST_FWD: single (default: one block per tile), split (opt-in: long tile lists in parts over blocks
-    + a combine pass)."""
+    FLASHAVATAR_RAST_FWD: split (default: long tile lists in parts over blocks + a combine pass, where the chunk
+    state is kept), single (one block per tile)."""
     out = {}
     for variant in names:
         if variant == names[0]:
@@ -251,7 +251,7 @@ def main():
         a = scene(n, 1)
         cot1 = torch.rand(1, H, W, 3, device="cuda")
         variants[f"{n // 1000}k"] = blend_variants("FLASHAVATAR_RAST_BWD", ("split", "warp", "block"), a, cot1, reps)
-        fwd_variants[f"{n // 1000}k"] = blend_variants("FLASHAVATAR_RAST_FWD", ("single", "split"), a, cot1, reps,
+        fwd_variants[f"{n // 1000}k"] = blend_variants("FLASHAVATAR_RAST_FWD", ("split", "single"), a, cot1, reps,
                                                        profiled="fwd")
 
     hdr = (f"{'N':>7} {'cams':>4} | {'ours fwd':>9} {'gsplat':>8} {'x':>5} | {'ours f+b':>9} {'gsplat':>8} {'x':>5} | "

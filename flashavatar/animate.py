@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .model.avatar import frame_sh, positional_encoding
+from .model.avatar import frame_sh, irradiance_ratio, positional_encoding, triangle_normals
 from .model.camera import rot6d_to_matrix
 from .model.flame import FlameCodes, kinematic_chain
 
@@ -327,6 +327,10 @@ class Animator:
         self.rotation = rot.contiguous()  # [N, 4] as the avatar has it (the fused op normalises)
         self.opacities = torch.sigmoid(a.opacity_logit.to(f32))  # [N]
         self.sh = torch.cat((a.features_dc, a.features_rest), dim=1).to(f32).contiguous()  # [N, K, 3]
+        # optional shading (GaussianAvatar(shading=True)): neutral normals [N, 3], irradiance coefficients [9, 3],
+        # the unshaded mouth Gaussians [N] (irradiance_ratio's arguments after the posed normals)
+        shading = getattr(a, "shading_sh", None)
+        self.shading = None if shading is None else (a.canonical_normals.to(f32), shading.to(f32), a.is_mouth)
 
         # FLAME restricted to the used vertices
         V = flame.n_vertices
@@ -463,7 +467,7 @@ class Animator:
     def assemble(self, verts: Tensor, raw: Tensor, sh_degree: int | None = None,
                  color: Tensor | None = None) -> dict[str, Any]:
         """Gaussians from the posed used vertices ``[B, U, 3]``, the MLP outputs ``[B, N, 10]`` and (colour
-        head) the RGB offsets ``color [B, N, 3]``."""
+        head) the RGB offsets ``color [B, N, 3]``; with a shaded avatar the colours are shaded from ``verts``."""
         B, N = raw.shape[0], self.n_gaussians
         if tuple(raw.shape) != (B, N, 10) or tuple(verts.shape) != (B, self.n_used, 3):
             raise ValueError(f"Animator.assemble: verts {tuple(verts.shape)} / raw {tuple(raw.shape)}, expected "
@@ -480,7 +484,10 @@ class Animator:
         k = (d + 1) ** 2
         if color is not None and tuple(color.shape) != (B, N, 3):
             raise ValueError(f"Animator.assemble: color has shape {tuple(color.shape)}, expected [{B}, {N}, 3]")
-        sh = frame_sh(self.sh[:, :k], color, B)  # [B, N, k, 3]
+        shade = None
+        if self.shading is not None:  # the triangle normals of the posed used vertices
+            shade = irradiance_ratio(triangle_normals(verts[:, self.local_faces]), *self.shading)  # [B, N, 3]
+        sh = frame_sh(self.sh[:, :k], color, B, shade)  # [B, N, k, 3]
         return {"means": means, "quats": quats, "scales": scales,
                 "opacities": self.opacities.expand(B, N), "sh": sh, "sh_degree": d}
 

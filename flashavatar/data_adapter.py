@@ -94,7 +94,8 @@ def build_avatar(cfg: Config, head_model: Path, template: Path, frames: FrameSet
         shape = torch.nn.functional.pad(shape, (0, max(0, flame.n_shape - shape.numel())))[: flame.n_shape]
     avatar = GaussianAvatar(flame, template, uv_size=cfg.model.uv_size, shape=shape, parity=cfg.model.parity,
                             sh_degree=cfg.model.sh_degree, hidden=cfg.model.mlp_hidden, layers=cfg.model.mlp_layers,
-                            seed=cfg.train.seed, color_offset=cfg.model.color_offset)
+                            seed=cfg.train.seed, color_offset=cfg.model.color_offset,
+                            shading=cfg.model.shading)
     return flame.to(device), avatar.to(device)
 
 

@@ -196,6 +196,81 @@ def test_color_head(flame, head):
             GaussianAvatar(flame, head[1], uv_size=32, color_offset=bad)
 
 
+def _explicit_sh9(n: np.ndarray) -> np.ndarray:
+    """Real SH of degree <= 2 written out term by term (x, y, z of unit vectors [..., 3])."""
+    x, y, z = n[..., 0], n[..., 1], n[..., 2]
+    return np.stack([0.5 * np.sqrt(1 / np.pi) * np.ones_like(x),
+                     np.sqrt(3 / (4 * np.pi)) * y, np.sqrt(3 / (4 * np.pi)) * z, np.sqrt(3 / (4 * np.pi)) * x,
+                     0.5 * np.sqrt(15 / np.pi) * x * y, 0.5 * np.sqrt(15 / np.pi) * y * z,
+                     0.25 * np.sqrt(5 / np.pi) * (3 * z * z - 1), 0.5 * np.sqrt(15 / np.pi) * x * z,
+                     0.25 * np.sqrt(15 / np.pi) * (x * x - y * y)], axis=-1)
+
+
+def test_sh9_basis_is_the_orthonormal_real_basis():
+    from flashavatar.model.avatar import sh9_basis
+
+    n = torch.randn(4096, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    n = n / n.norm(dim=-1, keepdim=True)
+    np.testing.assert_allclose(sh9_basis(n).numpy(), _explicit_sh9(n.numpy()), rtol=1e-12, atol=1e-12)
+    # orthonormal on the sphere (Monte Carlo over 200k directions: the Gram matrix is I within sampling noise)
+    m = torch.randn(200_000, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    Y = sh9_basis(m / m.norm(dim=-1, keepdim=True))
+    gram = (Y.T @ Y) * (4 * math.pi / len(m))
+    assert float((gram - torch.eye(9, dtype=torch.float64)).abs().max()) < 0.02
+
+
+def test_shading(flame, head):
+    plain = GaussianAvatar(flame, head[1], uv_size=32)
+    assert plain.shading_sh is None and "canonical_normals" not in plain.state_dict()  # SPEC's colour by default
+    avatar = GaussianAvatar(flame, head[1], uv_size=32, shading=True)
+    assert any(p is avatar.shading_sh for p in avatar.parameter_groups()["f_dc"])
+    assert set(avatar.state_dict()) - set(plain.state_dict()) == {"shading_sh", "canonical_normals"}
+    c = FlameCodes.neutral(2)
+    c.expr.normal_(generator=torch.Generator().manual_seed(3))
+    c.jaw[:, 0] += 0.25  # open the jaw: the chin's normals turn
+    N = avatar.n_gaussians
+    with torch.no_grad():
+        avatar.set_colors(torch.rand(N, 3, generator=torch.Generator().manual_seed(4)))
+        avatar.features_rest.normal_(0, 0.05)
+        # starts unshaded: E = 1 everywhere, so the SH are the free colours
+        out = avatar(c)
+        base = torch.cat((avatar.features_dc, avatar.features_rest), 1)
+        torch.testing.assert_close(out["sh"], base.expand(2, -1, -1, -1), atol=0, rtol=0)
+        avatar.shading_sh.copy_(torch.tensor([[3.0, 3.2, 2.8], [0.6, 0.5, 0.7], [1.2, 1.0, 1.1],
+                                              [0.4, 0.5, 0.3]] + [[0.1, -0.1, 0.05]] * 5))
+        out = avatar(c)
+        neutral = avatar.flame(c.shape[:1], torch.zeros_like(c.expr[:1]), FlameCodes.neutral(1).jaw,
+                               FlameCodes.neutral(1).eyes, torch.zeros_like(c.eyelids[:1]))
+        # at the neutral face the factor is 1 (posed normals = the neutral ones)
+        torch.testing.assert_close(avatar.frame_shading(neutral), torch.ones(1, N, 3), atol=1e-4, rtol=0)
+    # posed: every Gaussian's colour (any view direction) is E(n) / E(n̄) times the unshaded one, with n the
+    # normal of its triangle, computed here from the mesh in float64
+    v = out["vertices"].double().numpy()
+    faces = avatar.gaussian_faces.numpy()
+    tri = v[:, faces]  # [B, N, 3, 3]
+    n = np.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0])
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    t0 = neutral.double().numpy()[0][faces]
+    n0 = np.cross(t0[:, 1] - t0[:, 0], t0[:, 2] - t0[:, 0])
+    n0 /= np.linalg.norm(n0, axis=-1, keepdims=True)
+    L = avatar.shading_sh.detach().double().numpy()
+    ratio = np.maximum(_explicit_sh9(n) @ L, 1e-3) / np.maximum(_explicit_sh9(n0) @ L, 1e-3)  # [B, N, 3]
+    ratio[:, avatar.is_mouth.numpy()] = 1.0  # the mouth interior is not shaded
+    assert ratio.std() > 0.01  # the check can fail: the factor really varies over the face
+    # the colour is 0.5 + Σ_k Y_k c_k with Y_0 = C0 for every view direction; any values of the higher Y_k do
+    Y = torch.randn(N, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    Y[:, 0] = 0.28209479177387814
+
+    def colour(sh):  # [B, N, 16, 3] -> [B, N, 3]: 0.5 + Σ_k Y_k c_k
+        return 0.5 + (sh.double() * Y[None, :, :, None]).sum(2)
+
+    torch.testing.assert_close(colour(out["sh"]), torch.as_tensor(ratio) * colour(base.detach()[None]),
+                               atol=1e-4, rtol=1e-4)
+    # gradients reach the irradiance coefficients and the free colours
+    avatar(c)["sh"].sum().backward()
+    assert avatar.shading_sh.grad.abs().sum() > 0 and avatar.features_dc.grad.abs().sum() > 0
+
+
 def test_template_must_match(flame, head, tmp_path):
     obj = read_obj(head[1])
     lines = [f"v {x} {y} {z}" for x, y, z in obj.vertices] + [f"vt {u} {v}" for u, v in obj.uvs]

@@ -20,15 +20,16 @@ def head(tmp_path_factory):
     return FLAME(path), path.parent / "head_template.obj"
 
 
-def trained_like(head, *, parity=False, uv_size=32, seed=0, color_offset=0.0) -> GaussianAvatar:
+def trained_like(head, *, parity=False, uv_size=32, seed=0, color_offset=0.0, shading=False) -> GaussianAvatar:
     """An avatar whose MLP output, rotations, scales, opacities and colours (and the colour head's per-frame
-    offsets, with ``color_offset > 0``) all matter for the image."""
+    offsets, with ``color_offset > 0``, or the shading, with ``shading``) all matter for the image."""
     flame, template = head
     torch.manual_seed(seed)
     # a copy of the module-scoped FLAME: `avatar.to("cuda")` moves its FLAME in place, which would leave the
     # fixture's FLAME on the GPU for the tests that follow
     a = GaussianAvatar(copy.deepcopy(flame), template, uv_size=uv_size, parity=parity, offset_scale=0.01,
-                       shape=0.5 * torch.randn(flame.n_shape), color_offset=color_offset)
+                       shape=0.5 * torch.randn(flame.n_shape), color_offset=color_offset,
+                       shading=shading)
     with torch.no_grad():
         a.mlp_out.weight.normal_(0, 0.05)
         a.mlp_out.bias.normal_(0, 0.3)
@@ -40,6 +41,8 @@ def trained_like(head, *, parity=False, uv_size=32, seed=0, color_offset=0.0) ->
         a.set_colors(torch.rand(a.n_gaussians, 3))
         a.features_rest.normal_(0, 0.1)
         a.opacity_logit.normal_(0, 2)
+        if a.shading_sh is not None:  # a light from the upper front (E = 1 at the start)
+            a.shading_sh[1:4] += torch.tensor([0.8, 1.5, 0.4])[:, None]
     a.active_sh_degree = 3
     return a.eval()
 
@@ -80,15 +83,20 @@ def test_fp32_fast_path_matches_the_model_forward(head, parity, restrict):
     assert torch.equal(g["sh"], ref["sh"])
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_color_head_fast_path_matches_the_model_forward(head, fused):
-    a = trained_like(head, color_offset=0.15)
-    codes = random_codes(head[0], 3, seed=5)
+def fast_and_reference(a, codes, fused):
+    """(Animator, its Gaussians, the model forward's) for ``codes``, with the fused assembly or the torch one."""
     with torch.no_grad():
         ref = a(codes)
     an = Animator(a)
     an.fused_assembly = fused and an.fused_assembly
-    g = an.gaussians(codes)
+    return an, an.gaussians(codes), ref
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_color_head_fast_path_matches_the_model_forward(head, fused):
+    a = trained_like(head, color_offset=0.15)
+    codes = random_codes(head[0], 3, seed=5)
+    an, g, ref = fast_and_reference(a, codes, fused)
     assert g["sh"].shape == ref["sh"].shape == (3, a.n_gaussians, 16, 3)
     torch.testing.assert_close(g["sh"], ref["sh"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g["means"], ref["means"], atol=1e-6, rtol=1e-5)
@@ -100,6 +108,24 @@ def test_color_head_fast_path_matches_the_model_forward(head, fused):
     # lower SH degrees keep the shifted DC band
     g1 = an.gaussians(codes, sh_degree=0)
     torch.testing.assert_close(g1["sh"], g["sh"][:, :, :1])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_shading_fast_path_matches_the_model_forward(head, fused):
+    a = trained_like(head, shading=True, color_offset=0.1)
+    codes = random_codes(head[0], 3, seed=6)
+    an, g, ref = fast_and_reference(a, codes, fused)
+    # the normals come from the Animator's own FLAME (float32, ~1e-7 m apart on mm-sized triangles), and the
+    # factor E(n) / E(n̄) amplifies that where E(n̄) is small (normals facing away from the light)
+    torch.testing.assert_close(g["sh"], ref["sh"], atol=2e-3, rtol=5e-3)
+    assert float((g["sh"] - ref["sh"]).abs().mean()) < 1e-5
+    # the check can fail: unshaded, the SH differ by far more
+    unshaded = Animator(a)
+    unshaded.shading = None
+    assert float((unshaded.gaussians(codes)["sh"] - ref["sh"]).abs().max()) > 0.05
+    lo = Animator(a, mlp_dtype="bf16")
+    vm, Ks = cameras(3, 96)
+    assert psnr(lo.render(codes, vm, Ks, 96, 96)[0], an.render(codes, vm, Ks, 96, 96)[0]) >= 45.0
 
 
 def test_color_head_reduced_precision_within_45db_and_matters(head):

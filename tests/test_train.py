@@ -87,6 +87,19 @@ def test_color_head_trains_and_reloads(subject, tmp_path):
         tiny_config(subject, model={"color_offset": -1.0})
 
 
+def test_shading_trains_and_reloads(subject, tmp_path):
+    cfg = tiny_config(subject, model={"shading": True}, train={"iterations": 30})
+    trainer = Trainer(cfg, tmp_path / "run", device="cpu")
+    start = trainer.avatar.shading_sh.detach().clone()
+    result = trainer.run()
+    assert result.iteration == 30 and result.test_loss_end < result.test_loss_start
+    coeffs = trainer.avatar.shading_sh
+    assert float((coeffs.detach() - start).abs().max()) > 1e-3  # it learned (at the colour's rate)
+    again = Trainer(config_mod.load(tmp_path / "run" / "config.yaml"), tmp_path / "run", device="cpu")
+    assert again.iteration == 30
+    torch.testing.assert_close(again.avatar.shading_sh, coeffs)
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_one(subject, tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(subject, train={"iterations": 3}), tmp_path / "run", device="cpu")
     trainer.run(max_steps=2)

@@ -24,11 +24,11 @@
 // (start + b) / 256 (unique: see chunk_state_numel), and each pixel's final sums. Boundaries at or past a pixel's
 // stop are never read, so they need not be written.
 //
-// Forward split (opt-in: FLASHAVATAR_RAST_FWD=split, where the chunk state is kept and D <= 32). The GPU tests
-// pass and it is faster at batch 1 (H200, untrained uv-128 avatar: rasteriser 0.258 -> 0.197 ms), but gpu-preset
-// training (4 images of 512^2 per step, graph replay) crashed with it twice after ~1,500 iterations and ran
-// clean without it, cause not found yet: off by default until that is understood. The critical path of one
-// block per tile is the longest list; instead:
+// Forward split (default where the chunk state is kept and D <= 32; FLASHAVATAR_RAST_FWD=single turns it off).
+// H200, untrained uv-128 avatar at batch 1: rasteriser 0.258 -> 0.197 ms. (It was opt-in for a while: gpu-preset
+// training crashed with it twice, after a graph recapture. emit_kernel could then leave stale slots in the
+// sorted range when its tile test disagreed with project_kernel's count; since it fills exactly the counted
+// slots, the same training runs clean.) The critical path of one block per tile is the longest list; instead:
 //   part pass     up to 16 blocks per tile (as many as the backward uses), block k blending part k of the list
 //                 (whole 256-entry chunks, spread evenly) from T = 1, a pixel stopping where its local T would
 //                 reach 1e-4 (the whole-list T, that times the front parts' T <= 1, would too). Its local state at
@@ -180,7 +180,7 @@ __global__ void emit_kernel(Params p, int64_t total, const int32_t* __restrict__
                             const int32_t* __restrict__ offsets,  // inclusive, depth order
                             const int32_t* __restrict__ tile_counts, const int4* __restrict__ tile_rect,
                             const float2* __restrict__ means2d, const float* __restrict__ conics,
-                            const float* __restrict__ opac, uint32_t* __restrict__ keys,
+                            const float* __restrict__ opac, uint32_t sentinel, uint32_t* __restrict__ keys,
                             int32_t* __restrict__ vals) {
   const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (s >= total) return;
@@ -190,19 +190,27 @@ __global__ void emit_kernel(Params p, int64_t total, const int32_t* __restrict__
   if (cnt == 0) return;
   int pos = offsets[s] - cnt;
   if (pos >= p.capacity) return;  // overflow: this image is rendered by the fallback path
+  // Exactly the slots [offsets[s] - cnt, offsets[s]) the scan gave this Gaussian (within the capacity): the tile
+  // test is re-evaluated here in another kernel, so should it ever disagree with project_kernel's count, extra
+  // hits are dropped and missing ones padded with the sentinel (sorted past every tile, never read) rather than
+  // leaving stale keys and ids in the sorted range.
+  const int end = min(offsets[s], p.capacity);
   const int4 r = tile_rect[flat];
   const uint32_t base = uint32_t(img) * uint32_t(p.tiles_x * p.tiles_y);
   const float2 m = means2d[flat];
   const Sym2<float> conic{conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]};
   const float o = opac[int64_t(img / p.C) * p.N + sorted_ids[s]];
-  for (int ty = r.y; ty <= r.w; ++ty)
-    for (int tx = r.x; tx <= r.z; ++tx) {
+  for (int ty = r.y; ty <= r.w && pos < end; ++ty)
+    for (int tx = r.x; tx <= r.z && pos < end; ++tx) {
       if (!raster::gaussian_hits_tile(m.x, m.y, conic, o, tx, ty, kTileSize, p.W, p.H)) continue;
-      if (pos >= p.capacity) return;
       keys[pos] = base + uint32_t(ty * p.tiles_x + tx);
       vals[pos] = int32_t(flat);
       ++pos;
     }
+  for (; pos < end; ++pos) {
+    keys[pos] = sentinel;
+    vals[pos] = -1;
+  }
 }
 
 // Pads the unused tail of the key buffer with the sentinel and zero-fills the tile ranges (one launch for both).
@@ -1158,11 +1166,10 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
     return at;
   };
   const int64_t n_chunk = chunk_state_numel(BC, tiles, H, W, D, capacity);
-  // FLASHAVATAR_RAST_FWD=split: long lists split over blocks (render_fwd_part_kernel + render_fwd_combine_kernel)
-  // where the chunk state is kept and the channels fit one chunk (D <= 32); opt-in (see the top of this file).
-  // Default (or "single"): one block per tile.
+  // Long lists split over blocks (render_fwd_part_kernel + render_fwd_combine_kernel) where the chunk state is
+  // kept and the channels fit one chunk (D <= 32); FLASHAVATAR_RAST_FWD=single: one block per tile (comparisons).
   const char* fwd_variant = std::getenv("FLASHAVATAR_RAST_FWD");
-  const bool split = n_chunk > 0 && D <= 32 && fwd_variant && std::string_view(fwd_variant) == "split";
+  const bool split = n_chunk > 0 && D <= 32 && !(fwd_variant && std::string_view(fwd_variant) == "single");
   const int64_t n_part_info = split ? chunk_slots(capacity) * kBlock + BC * HW : 0;
   const int64_t o_last = segment(BC * HW), o_trans = segment(BC * HW), o_sorted = segment(BCN),
                 o_offsets = segment(BCN), o_isect = segment(capacity), o_ranges = segment(BC * tiles * 2),
@@ -1213,8 +1220,8 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
     // 3. Emit tile keys (depth order) into the fixed-capacity buffer; pad the rest with the sentinel.
     emit_kernel<<<blocks_for(BCN), 256, 0, stream>>>(p, BCN, sorted_ptr, offsets_ptr, tile_counts, tile_rect,
                                                       reinterpret_cast<const float2*>(means2d.data_ptr<float>()),
-                                                      conics.data_ptr<float>(), opacities.data_ptr<float>(), keys,
-                                                      vals);
+                                                      conics.data_ptr<float>(), opacities.data_ptr<float>(),
+                                                      sentinel, keys, vals);
     FA_CUDA_CHECK_LAUNCH();
     pad_kernel<<<blocks_for(std::max<int64_t>(capacity, BC * tiles)), 256, 0, stream>>>(
         int(capacity), offsets_ptr, BCN, sentinel, keys, vals, BC * tiles,

@@ -25,7 +25,8 @@ from .camera import matrix_to_quat, quat_multiply
 from .flame import FLAME, FlameCodes, ObjMesh, read_obj
 
 __all__ = ["GaussianAvatar", "UVSamples", "rasterize_uv", "sample_mouth_faces", "positional_encoding",
-           "DEFAULT_LRS", "residual_covariance"]
+           "DEFAULT_LRS", "residual_covariance", "frame_sh", "shade_sh", "sh9_basis", "triangle_normals",
+           "irradiance_ratio"]
 
 # learning rates of the original (SPEC §4); f_rest is colour / 20
 DEFAULT_LRS = {"mlp": 1e-4, "f_dc": 2.5e-3, "f_rest": 2.5e-3 / 20, "opacity": 5e-2, "scaling": 5e-3,
@@ -33,15 +34,59 @@ DEFAULT_LRS = {"mlp": 1e-4, "f_dc": 2.5e-3, "f_rest": 2.5e-3 / 20, "opacity": 5e
 SH_C0 = 0.28209479177387814  # band-0 SH constant: colour = 0.5 + C0 · f_dc (3DGS convention)
 
 
-
-def frame_sh(sh: torch.Tensor, color: torch.Tensor | None, batch: int) -> torch.Tensor:
-    """SH coefficients per frame ``[B, N, K, 3]`` from the per-Gaussian ``sh [N, K, 3]``: an expanded view, or with a
-    colour offset ``color [B, N, 3]`` (RGB) the DC band shifted by it (the DC band's colour is 0.5 + C0 · dc, so an
-    RGB offset is offset / C0 in dc)."""
+def frame_sh(sh: torch.Tensor, color: torch.Tensor | None, batch: int,
+             shade: torch.Tensor | None = None) -> torch.Tensor:
+    """SH coefficients per frame ``[B, N, K, 3]`` from the per-Gaussian ``sh [N, K, 3]``: an expanded view, or
+    with a shading factor ``shade [B, N, 3]`` the colour scaled by it (:func:`shade_sh`), and with a colour
+    offset ``color [B, N, 3]`` (RGB) the DC band shifted by it (the DC band's colour is 0.5 + C0 · dc, so an RGB
+    offset is offset / C0 in dc)."""
+    if shade is not None:
+        out = shade_sh(sh, shade)  # [B, N, K, 3]
+        if color is not None:
+            out = torch.cat((out[:, :, :1] + (color / SH_C0)[:, :, None], out[:, :, 1:]), dim=2)
+        return out
     if color is None:
         return sh.expand(batch, *sh.shape)
     dc = sh[None, :, :1] + (color / SH_C0)[:, :, None]  # [B, N, 1, 3]
     return torch.cat((dc, sh[None, :, 1:].expand(batch, -1, -1, -1)), dim=2)
+
+
+def shade_sh(sh: torch.Tensor, shade: torch.Tensor) -> torch.Tensor:
+    """SH ``[B, N, K, 3]`` whose colour is ``shade [B, N, 3]`` times that of ``sh`` (``[B, N, K, 3]`` or
+    ``[N, K, 3]``): the colour is 0.5 + Σ_k Y_k c_k, so every band scales and the DC band also takes
+    (shade − 1) · 0.5 / C0."""
+    scaled = sh * shade[:, :, None, :]  # [B, N, K, 3]
+    dc = scaled[:, :, :1] + ((shade - 1.0) * (0.5 / SH_C0))[:, :, None]
+    return torch.cat((dc, scaled[:, :, 1:]), dim=2)
+
+
+# Real SH of degree <= 2 (9 functions) of a unit normal: the irradiance basis (Ramamoorthi & Hanrahan 2001:
+# a Lambertian surface's irradiance under any distant light is within a few percent of its 9-term projection).
+_SH9 = (0.28209479177387814, 0.4886025119029199, 1.0925484305920792, 0.31539156525252005, 0.5462742152960396)
+
+
+def sh9_basis(n: torch.Tensor) -> torch.Tensor:
+    """``[..., 9]`` real SH basis (degree 0-2) at unit vectors ``n [..., 3]``."""
+    x, y, z = n.unbind(-1)
+    c0, c1, c2, c3, c4 = _SH9
+    return torch.stack((torch.full_like(x, c0), c1 * y, c1 * z, c1 * x, c2 * x * y, c2 * y * z,
+                        c3 * (3 * z * z - 1), c2 * x * z, c4 * (x * x - y * y)), dim=-1)
+
+
+def triangle_normals(tri: torch.Tensor) -> torch.Tensor:
+    """Unit normals ``[..., 3]`` of triangles ``tri [..., 3 corners, 3]`` (right-handed corner order)."""
+    n = torch.cross(tri[..., 1, :] - tri[..., 0, :], tri[..., 2, :] - tri[..., 0, :], dim=-1)
+    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def irradiance_ratio(normals: torch.Tensor, canonical_normals: torch.Tensor, coeffs: torch.Tensor,
+                     unshaded: torch.Tensor) -> torch.Tensor:
+    """Shading factor ``[B, N, 3]`` = E(n) / E(n̄) with E(n) = max(1e-3, Σ_k L_k Y_k(n)) per colour channel:
+    ``normals [B, N, 3]`` posed, ``canonical_normals [N, 3]`` at the neutral face, ``coeffs [9, 3]`` the
+    learned irradiance L. ``unshaded [N]`` (bool: the mouth interior) keeps a factor of 1."""
+    e_posed = (sh9_basis(normals) @ coeffs).clamp_min(1e-3)  # [B, N, 3]
+    e_canon = (sh9_basis(canonical_normals) @ coeffs).clamp_min(1e-3)  # [N, 3]
+    return torch.where(unshaded[:, None], torch.ones_like(e_posed), e_posed / e_canon)
 
 # ------------------------------------------------------------------------------------------- UV sampling
 @dataclass
@@ -185,12 +230,18 @@ class GaussianAvatar(nn.Module):
             output head on the MLP's last hidden layer adds ``color_offset · tanh(o_rgb)`` (RGB, so at most
             ±color_offset) to each Gaussian's base colour per frame: shading that follows the expression
             (a cheek's normal turning under a smile, wrinkles) which a fixed colour cannot hold.
+        shading: False (default) = SPEC's fixed colour. True: each Gaussian's colour is multiplied per frame by
+            E(n) / E(n̄), n and n̄ its triangle's normal on the posed and on the neutral mesh and E a learned
+            9-coefficient SH irradiance per colour channel (27 parameters in all, light fixed in the head's
+            frame; starts as E = 1): diffuse shading that follows the expression, with no per-frame freedom
+            (the mouth interior is not shaded). The free SH colour is then the colour at the neutral face.
     """
 
     def __init__(self, flame: FLAME, template, *, uv_size: int = 128, shape: torch.Tensor | None = None,
                  mouth_fraction: float = 0.01, drop_neck_boundary: bool = True, parity: bool = False,
                  sh_degree: int = 3, hidden: int = 256, layers: int = 6, n_freqs: int = 8,
-                 offset_scale: float = 1.0, init_opacity: float = 0.1, seed: int = 0, color_offset: float = 0.0):
+                 offset_scale: float = 1.0, init_opacity: float = 0.1, seed: int = 0, color_offset: float = 0.0,
+                 shading: bool = False):
         super().__init__()
         if not (math.isfinite(color_offset) and color_offset >= 0):
             raise ValueError(f"GaussianAvatar: color_offset must be a finite number >= 0, got {color_offset}")
@@ -297,6 +348,15 @@ class GaussianAvatar(nn.Module):
         self.log_scale = nn.Parameter(torch.as_tensor(base, dtype=torch.float32)[:, None].repeat(1, 3))
         self.rotation = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(N, 1))
 
+        # 5. optional shading (see the class docstring): irradiance coefficients [9, 3], E = 1 at the start
+        self.shading_sh: nn.Parameter | None = None
+        if shading:
+            coeffs = torch.zeros(9, 3)
+            coeffs[0] = 1.0 / _SH9[0]
+            self.shading_sh = nn.Parameter(coeffs)
+            canon_tri = torch.as_tensor(v_canon[all_faces[face_ids]], dtype=torch.float32)  # [N, 3, 3]
+            self.register_buffer("canonical_normals", triangle_normals(canon_tri))  # [N, 3]
+
     @torch.no_grad()
     def _refresh_encoding(self):  # after load_state_dict (canonical_means may have changed)
         self.encoded_means = positional_encoding(self.canonical_means, self.n_freqs)
@@ -307,9 +367,12 @@ class GaussianAvatar(nn.Module):
         return self.face_ids.numel()
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimiser group: mlp, f_dc, f_rest, opacity, scaling, rotation."""
+        """Parameters by optimiser group: mlp, f_dc (+ the shading coefficients), f_rest, opacity, scaling,
+        rotation."""
         mlp = [p for name, p in self.named_parameters() if name.startswith("mlp_")]
-        return {"mlp": mlp, "f_dc": [self.features_dc], "f_rest": [self.features_rest],
+        # the shading coefficients learn at the colour's rate (a per-step change of ~lr in E, as in the colours)
+        f_dc = [self.features_dc] + ([self.shading_sh] if self.shading_sh is not None else [])
+        return {"mlp": mlp, "f_dc": f_dc, "f_rest": [self.features_rest],
                 "opacity": [self.opacity_logit], "scaling": [self.log_scale], "rotation": [self.rotation]}
 
     def optimizer_groups(self, lrs: dict | None = None) -> list[dict]:
@@ -347,9 +410,18 @@ class GaussianAvatar(nn.Module):
             return raw, None
         return raw, self.color_offset * torch.tanh(self.mlp_color(h))
 
-    def frame_sh(self, color: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """SH coefficients per frame ``[B, N, K, 3]`` (see :func:`frame_sh`)."""
-        return frame_sh(torch.cat((self.features_dc, self.features_rest), dim=1), color, batch)
+    def frame_sh(self, color: torch.Tensor | None, batch: int, shade: torch.Tensor | None = None) -> torch.Tensor:
+        """SH coefficients per frame ``[B, N, K, 3]`` (see :func:`frame_sh`; ``shade [B, N, 3]``: times that,
+        :func:`shade_sh`)."""
+        return frame_sh(torch.cat((self.features_dc, self.features_rest), dim=1), color, batch, shade)
+
+    def frame_shading(self, vertices: torch.Tensor, tri: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Per-frame shading factor ``[B, N, 3]`` from the posed ``vertices [B, V, 3]`` (None without shading)."""
+        if self.shading_sh is None:
+            return None
+        if tri is None:
+            tri = vertices[:, self.gaussian_faces]  # [B, N, 3, 3]
+        return irradiance_ratio(triangle_normals(tri), self.canonical_normals, self.shading_sh, self.is_mouth)
 
     def face_frames(self, vertices: torch.Tensor, tri: torch.Tensor | None = None) -> torch.Tensor:
         """Orthonormal tangent frame per Gaussian's triangle as quaternions ``[B, N, 4]``: columns
@@ -377,7 +449,7 @@ class GaussianAvatar(nn.Module):
                              f"expected [{B}, {self.cond_dim}]")
         out, color = self.mlp_outputs(cond)  # [B, N, 10], [B, N, 3] or None
         offset = self.offset_scale * out[..., :3]
-        sh = self.frame_sh(color, B)  # [B, N, K, 3]
+        sh = self.frame_sh(color, B, self.frame_shading(vertices))  # [B, N, K, 3]
         N = self.n_gaussians
         if self._use_fused_assembly(vertices, out):
             # one kernel (flashavatar.ops.gaussian_assembly, differentiable) for the same math as below
