@@ -122,9 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "train": {"iterations": 1000, "batch_size": 2, "sh_increase_every": 250, "preview_every": 250,
                   "checkpoint_every": 250, "log_every": 25, "eval_frames": 4, "eval_every": 250},
-        # shading on: +0.66 dB head PSNR on the whole test split of a 160-frame 192² subject, 1,500 iterations
-        # (benchmarks/NOTES_train.md); not yet measured with the gpu preset, which keeps SPEC's fixed colour
-        "model": {"uv_size": 64, "sh_degree": 2, "mlp_hidden": 128, "mlp_layers": 4, "shading": True},
+        "model": {"uv_size": 64, "sh_degree": 2, "mlp_hidden": 128, "mlp_layers": 4},
         "data": {"n_test": 20, "image_scale": 1.0},
         "loss": {"perceptual_from": 700, "w2_from": 300},
         "optim": {"lr_final_factor": 0.3},
