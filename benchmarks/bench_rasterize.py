@@ -5,7 +5,10 @@ timed with CUDA events (warm-up, median of many runs), in the same process. Also
 gsplat's, a CUDA-graph-replay row (gsplat cannot be captured: it reads the tile count back to the host), and a
 per-kernel breakdown from the PyTorch profiler. Prints a table and writes JSON with the device name.
 
-    python benchmarks/bench_rasterize.py [--out benchmarks/results/rasterize_<gpu>.json] [--quick]
+    python benchmarks/bench_rasterize.py [--out benchmarks/results/rasterize_<gpu>.json] [--quick] [--run DIR]
+
+``--run DIR`` adds a trained avatar's first training frame (its own camera) as a scene: timings, the per-kernel
+split of the forward and the forward blend variants, where the head-like scenes are only a stand-in.
 """
 
 from __future__ import annotations
@@ -34,6 +37,32 @@ def scene(n: int, n_cams: int, device="cuda"):
     m, q, s, o, c = head_scene(n, d=3, seed=n, scale=scale, dtype=torch.float32)
     vm, K = cameras(n_cams, W, H, distance=0.45, dtype=torch.float32)
     return [t.to(device) for t in (m, q, s, o, c, vm, K)]
+
+
+def trained_scene(run_dir, device="cuda"):
+    """[means, quats, scales, opacities, colors, viewmats, Ks] of a trained run's first training frame seen from its
+    own camera, shaped like :func:`scene` (colours: each Gaussian's view-independent RGB, 0.5 + C0 * SH DC, clamped
+    at 0 as the rasteriser would; the SH evaluation is a small part of the projection kernel)."""
+    from flashavatar.animate import Animator
+    from flashavatar.model.avatar import SH_C0
+    from flashavatar.session import load_run
+
+    session, _ = load_run(run_dir, device, load_frames=False)
+    frames = session.train_frames if len(session.train_frames) else session.test_frames
+    codes = {k: v[:1].to(device) for k, v in frames.codes.items()}
+    with torch.no_grad():
+        g = Animator(session.avatar).gaussians(codes)
+    colors = (0.5 + SH_C0 * g["sh"][0, :, 0]).clamp_min(0)  # [N, 3]
+    vm, K = frames.viewmats[:1].to(device), frames.Ks[:1].to(device)  # [1, 4, 4], [1, 3, 3]
+    out = [g["means"][0], g["quats"][0], g["scales"][0], g["opacities"][0], colors, vm, K]
+    return [t.float().contiguous() for t in out], (session.width, session.height)
+
+
+def short_kernel_name(name: str) -> str:
+    """Kernel name without the namespaces and argument lists the profiler reports (readable in a table)."""
+    for prefix in ("void ", "flashavatar::", "(anonymous namespace)::", "cub::", "CUB_300001_SM_900::", "detail::"):
+        name = name.replace(prefix, "")
+    return name.split("(")[0]
 
 
 def time_cuda(fn, warmup=10, reps=50) -> float:
@@ -131,7 +160,8 @@ def kernel_breakdown(fn, rows=14) -> list[dict]:
     for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:rows]:
         if e.device_time_total <= 0:
             continue
-        out.append({"kernel": e.key[:90], "calls_per_iter": e.count / 20, "us_per_iter": e.device_time_total / 20})
+        out.append({"kernel": short_kernel_name(e.key)[:90], "calls_per_iter": e.count / 20,
+                    "us_per_iter": e.device_time_total / 20})
     return out
 
 
@@ -190,11 +220,13 @@ def blend_variants(env, names, args, cot, reps, profiled="fwd_bwd") -> dict:
 
 
 def main():
+    global W, H  # the scenes' image size (the trained run's, while it is measured)
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--no-gsplat", action="store_true")
     ap.add_argument("--sizes", default="15000,50000,200000", help="comma-separated Gaussian counts")
+    ap.add_argument("--run", default=None, metavar="DIR", help="also a trained run's first frame (see the top)")
     opt = ap.parse_args()
     reps = 20 if opt.quick else 50
     dev_name = torch.cuda.get_device_name()
@@ -254,6 +286,22 @@ def main():
         fwd_variants[f"{n // 1000}k"] = blend_variants("FLASHAVATAR_RAST_FWD", ("split", "single"), a, cot1, reps,
                                                        profiled="fwd")
 
+    trained = None
+    if opt.run:
+        targs, (tw, th) = trained_scene(opt.run)
+        size = W, H
+        W, H = tw, th  # ours_fns / blend_variants render at the global size
+        tcot = torch.rand(1, H, W, 3, device="cuda")
+        tfwd, tfwd_bwd, _ = ours_fns(targs, tcot)
+        trained = {"run": opt.run, "gaussians": int(targs[0].shape[0]), "width": W, "height": H,
+                   "fwd_ms": time_cuda(tfwd, reps=reps), "fwd_bwd_ms": time_cuda(tfwd_bwd, reps=reps),
+                   "fwd_graph_ms": time_cuda(graph_fn(tfwd), reps=reps),
+                   "fwd_bwd_graph_ms": time_cuda(graph_fn(tfwd_bwd), reps=reps),
+                   "alpha_mean": tfwd()[1].mean().item(), "kernels_fwd": kernel_breakdown(tfwd),
+                   "fwd_variants": blend_variants("FLASHAVATAR_RAST_FWD", ("split", "single"), targs, tcot, reps,
+                                                  profiled="fwd")}
+        W, H = size
+
     hdr = (f"{'N':>7} {'cams':>4} | {'ours fwd':>9} {'gsplat':>8} {'x':>5} | {'ours f+b':>9} {'gsplat':>8} {'x':>5} | "
            f"{'graph fwd':>9} {'graph f+b':>9} | {'PSNR dB':>7}")
     print("\n" + dev_name)
@@ -285,7 +333,18 @@ def main():
                 + ", ".join(f"{e['kernel'][:40]} {e['us_per_iter']:.1f}" for e in r["kernels"][:3])
                 for name, r in v.items()))
 
-    result = {"device": dev_name, "torch": torch.__version__, "width": W, "height": H, "rows": rows,
+    if trained:
+        t = trained
+        print(f"\ntrained run {t['run']}: {t['gaussians']} Gaussians, {t['width']}x{t['height']}, 1 camera: fwd "
+              f"{t['fwd_ms']:.3f} ms, f+b {t['fwd_bwd_ms']:.3f} ms, graph fwd {t['fwd_graph_ms']:.3f} ms, graph f+b "
+              f"{t['fwd_bwd_graph_ms']:.3f} ms, mean alpha {t['alpha_mean']:.3f}")
+        print("per-kernel, trained fwd (us per iteration):")
+        for e in t["kernels_fwd"]:
+            print(f"  {e['us_per_iter']:8.1f}  x{e['calls_per_iter']:<4g} {e['kernel']}")
+        print("forward blend variants: " + "; ".join(f"{name}: graph fwd {r['fwd_graph_ms']:.3f} ms" for name, r in
+                                                    t["fwd_variants"].items()))
+
+    result = {"device": dev_name, "trained_run": trained, "torch": torch.__version__, "width": W, "height": H, "rows": rows,
               "kernels": breakdown, "host_us_15k_1cam": host, "host_profile_15k_1cam": host_tables,
               "bwd_variants": variants, "fwd_variants": fwd_variants,
               "notes": "ours called with check_finite=False (no host sync); gsplat "

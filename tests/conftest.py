@@ -1,7 +1,21 @@
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench(request):
+    """The benchmark script ``benchmarks/<BENCH_SCRIPT>.py`` of the requesting test module, loaded as a module
+    (the benchmarks are scripts, not a package)."""
+    name = request.module.BENCH_SCRIPT
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,20 +1,10 @@
 """The training-step benchmark runs on the CPU and writes its JSON (numbers are not asserted: speed lives there)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+BENCH_SCRIPT = "bench_train_step"  # loaded by the `bench` fixture (conftest.py)
 
 
 def test_bench_train_step_writes_stages_and_device(bench, tmp_path, capsys):
