@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Device calls for the forward-blend split (third H200 session, 2026-12-03; the split is opt-in since then,
-# FLASHAVATAR_RAST_FWD=split). From the repository root; logs to $OUT. Carry .whl for the full suite (pot, geomloss).
+# Device calls for the forward-blend split (third and fourth H200 sessions, 2026-12-03; the split is the default
+# again since the fourth, FLASHAVATAR_RAST_FWD=single turns it off; `debug` sets it per run, `confirm` runs the
+# default).
+# From the repository root; logs to $OUT. Carry .whl for the full suite (pot, geomloss).
 #   fwd     build, the rasteriser / fast-path GPU tests, bench_rasterize (forward split vs single), end-to-end bench
 #           (untrained uv 128: split at batches 1/16/64, FLASHAVATAR_RAST_FWD=single at batch 1)
 #   check   a short gpu-preset training (uv 128, TRAIN_ITS iterations) and `flashavatar bench --run` on it with the
@@ -51,7 +53,8 @@ if [ "${1:-fwd}" = debug ]; then
   FLASHAVATAR_RAST_FWD=split timeout ${SPLIT_TIMEOUT:-110} $T --out "$WORK/run_split" --set train.iterations=${TRAIN_ITS:-3000} \
     --set train.eval_every=500 >"$OUT/train_split.log" 2>&1; el "train split rc=$?"
   grep -v "^INFO flashavatar.rasterize" "$OUT/train_split.log" | tail -30 | cut -c1-250
-  timeout 90 $T --out "$WORK/run_single" --set train.iterations=1500 >"$OUT/train_single.log" 2>&1
+  FLASHAVATAR_RAST_FWD=single timeout 90 $T --out "$WORK/run_single" --set train.iterations=1500 \
+    >"$OUT/train_single.log" 2>&1
   el "train single to 1500 rc=$?"; grep -i "trained to" "$OUT/train_single.log" | cut -c1-200
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   for tool in memcheck initcheck; do
