@@ -40,15 +40,10 @@ def frame_sh(sh: torch.Tensor, color: torch.Tensor | None, batch: int,
     with a shading factor ``shade [B, N, 3]`` the colour scaled by it (:func:`shade_sh`), and with a colour
     offset ``color [B, N, 3]`` (RGB) the DC band shifted by it (the DC band's colour is 0.5 + C0 · dc, so an RGB
     offset is offset / C0 in dc)."""
-    if shade is not None:
-        out = shade_sh(sh, shade)  # [B, N, K, 3]
-        if color is not None:
-            out = torch.cat((out[:, :, :1] + (color / SH_C0)[:, :, None], out[:, :, 1:]), dim=2)
-        return out
+    out = sh.expand(batch, *sh.shape) if shade is None else shade_sh(sh, shade)  # [B, N, K, 3]
     if color is None:
-        return sh.expand(batch, *sh.shape)
-    dc = sh[None, :, :1] + (color / SH_C0)[:, :, None]  # [B, N, 1, 3]
-    return torch.cat((dc, sh[None, :, 1:].expand(batch, -1, -1, -1)), dim=2)
+        return out
+    return torch.cat((out[:, :, :1] + (color / SH_C0)[:, :, None], out[:, :, 1:]), dim=2)
 
 
 def shade_sh(sh: torch.Tensor, shade: torch.Tensor) -> torch.Tensor:
@@ -415,13 +410,12 @@ class GaussianAvatar(nn.Module):
         :func:`shade_sh`)."""
         return frame_sh(torch.cat((self.features_dc, self.features_rest), dim=1), color, batch, shade)
 
-    def frame_shading(self, vertices: torch.Tensor, tri: torch.Tensor | None = None) -> torch.Tensor | None:
+    def frame_shading(self, vertices: torch.Tensor) -> torch.Tensor | None:
         """Per-frame shading factor ``[B, N, 3]`` from the posed ``vertices [B, V, 3]`` (None without shading)."""
         if self.shading_sh is None:
             return None
-        if tri is None:
-            tri = vertices[:, self.gaussian_faces]  # [B, N, 3, 3]
-        return irradiance_ratio(triangle_normals(tri), self.canonical_normals, self.shading_sh, self.is_mouth)
+        normals = triangle_normals(vertices[:, self.gaussian_faces])  # [B, N, 3]
+        return irradiance_ratio(normals, self.canonical_normals, self.shading_sh, self.is_mouth)
 
     def face_frames(self, vertices: torch.Tensor, tri: torch.Tensor | None = None) -> torch.Tensor:
         """Orthonormal tangent frame per Gaussian's triangle as quaternions ``[B, N, 4]``: columns
@@ -429,9 +423,8 @@ class GaussianAvatar(nn.Module):
         if tri is None:
             tri = vertices[:, self.gaussian_faces]  # [B, N, 3, 3]
         e1 = tri[:, :, 1] - tri[:, :, 0]
-        n = torch.cross(e1, tri[:, :, 2] - tri[:, :, 0], dim=-1)
         e1 = e1 / e1.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        n = n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        n = triangle_normals(tri)
         e2 = torch.cross(n, e1, dim=-1)
         return matrix_to_quat(torch.stack((e1, e2, n), dim=-1))
 
