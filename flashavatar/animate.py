@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .model.avatar import frame_sh, irradiance_ratio, positional_encoding, triangle_normals
+from .model.avatar import (frame_sh, irradiance_from_matrix, irradiance_matrix, positional_encoding,
+                           triangle_normals)
 from .model.camera import rot6d_to_matrix
 from .model.flame import FlameCodes, kinematic_chain
 
@@ -74,12 +75,21 @@ class _Detached:
         return (_Detached(m) if isinstance(m, torch.nn.Module) else m for m in self._module)
 
 
-# (frame, Gaussian) rows per MLP chunk. At 32k rows a bf16 activation is 16 MB, so a layer's input and output
-# (32 MB) stay in the H100's 50 MB L2 between layers; whole frames per chunk when a frame has fewer rows
-# (uv 128: 2 frames), an even split of each frame when it has more (uv 256: 2 chunks of ~28.8k). Never above
-# ~2M rows: cuBLASLt's fused bias + ReLU epilogue takes at most that many per GEMM.
+# (frame, Gaussian) rows per MLP chunk: whole frames per chunk when a frame has fewer rows, an even split of each
+# frame when it has more. On the CPU 32k rows (a chunk's activations stay in cache between layers). On a GPU
+# 2^20: one GEMM per layer up to 64 frames of uv 128. Keeping chunks L2-sized (32k rows, 16 MB of bf16) was the
+# idea first, but more, smaller GEMMs lost: on the H200 (bf16, graph replay, uv 128) the MLP took 0.789 / 3.116 ms
+# at batches 16 / 64 in 32k-row chunks against 0.634 / 2.505 ms unchunked (benchmarks/results/mlp_rows_h200.*).
+# Never above ~2M rows: cuBLASLt's fused bias + ReLU epilogue takes at most that many per GEMM.
 _MLP_ROWS = 32_768
+_MLP_ROWS_CUDA = 1 << 20
 _MLP_ROWS_MAX = 2_000_000
+
+
+def default_mlp_rows(device: torch.device | str) -> int:
+    """Rows per MLP chunk when ``Animator(mlp_rows=None)``: :data:`_MLP_ROWS_CUDA` on a GPU, else
+    :data:`_MLP_ROWS`."""
+    return _MLP_ROWS_CUDA if torch.device(device).type == "cuda" else _MLP_ROWS
 
 
 def mlp_chunks(batch: int, n: int, rows: int) -> list[tuple[slice, slice]]:
@@ -229,8 +239,8 @@ class Animator:
             compiled extension runs on the avatar's device, else the torch path.
         fused_flame: FLAME in three launches (``flashavatar.ops.flame_lbs``); default: where the extension runs
             and the kinematic chain is FLAME's flat one, else the torch path.
-        mlp_rows: (frame, Gaussian) rows per MLP chunk (default :data:`_MLP_ROWS`: a chunk's activations stay in
-            L2 between layers; larger = fewer launches, more HBM traffic).
+        mlp_rows: (frame, Gaussian) rows per MLP chunk (default :func:`default_mlp_rows`: 2^20 on a GPU, 32k on
+            the CPU; smaller = activations that stay in cache, larger = fewer and larger GEMMs).
 
     Per-frame methods (``B`` frames, ``N`` Gaussians, ``U`` used vertices, ``K`` SH coefficients)::
 
@@ -248,10 +258,10 @@ class Animator:
         self.avatar = avatar
         self.mlp_dtype = _as_dtype(mlp_dtype)
         self.restrict_flame = bool(restrict_flame)
-        self.mlp_rows = _MLP_ROWS if mlp_rows is None else int(mlp_rows)
-        if self.mlp_rows < 1:
+        if mlp_rows is not None and int(mlp_rows) < 1:
             raise ValueError(f"Animator: mlp_rows must be >= 1, got {mlp_rows}")
         self.refresh()
+        self.mlp_rows = default_mlp_rows(self.device) if mlp_rows is None else int(mlp_rows)
         # the assembly as one kernel (flashavatar.ops.gaussian_assembly) where the extension can run it here;
         # the torch path (_assemble_core) is the fallback and the tests' oracle
         can_fuse = _fused_assembly_available(self.device)
@@ -327,10 +337,17 @@ class Animator:
         self.rotation = rot.contiguous()  # [N, 4] as the avatar has it (the fused op normalises)
         self.opacities = torch.sigmoid(a.opacity_logit.to(f32))  # [N]
         self.sh = torch.cat((a.features_dc, a.features_rest), dim=1).to(f32).contiguous()  # [N, K, 3]
-        # optional shading (GaussianAvatar(shading=True)): neutral normals [N, 3], irradiance coefficients [9, 3],
-        # the unshaded mouth Gaussians [N] (irradiance_ratio's arguments after the posed normals)
+        # optional shading (GaussianAvatar(shading=True)), the model's irradiance_ratio with its frame-independent
+        # half done once: the irradiance as a quadratic form M [4, 4, 3] (irradiance_matrix), 1 / E(neutral
+        # normal) [N, 3] (0 for the unshaded mouth Gaussians) and the mouth's factor 1 [N, 3], so a frame's factor
+        # is max(E(n), 1e-3) * inv_canon + mouth_one
         shading = getattr(a, "shading_sh", None)
-        self.shading = None if shading is None else (a.canonical_normals.to(f32), shading.to(f32), a.is_mouth)
+        self.shading = None
+        if shading is not None:
+            matrix = irradiance_matrix(shading.to(f32))
+            e_canon = irradiance_from_matrix(a.canonical_normals.to(f32), matrix).clamp_min(1e-3)  # [N, 3]
+            mouth = a.is_mouth[:, None].expand(-1, 3)
+            self.shading = (matrix, torch.where(mouth, 0.0, 1.0 / e_canon), mouth.to(f32).contiguous())
 
         # FLAME restricted to the used vertices
         V = flame.n_vertices
@@ -486,7 +503,9 @@ class Animator:
             raise ValueError(f"Animator.assemble: color has shape {tuple(color.shape)}, expected [{B}, {N}, 3]")
         shade = None
         if self.shading is not None:  # the triangle normals of the posed used vertices
-            shade = irradiance_ratio(triangle_normals(verts[:, self.local_faces]), *self.shading)  # [B, N, 3]
+            matrix, inv_canon, mouth_one = self.shading
+            e_posed = irradiance_from_matrix(triangle_normals(verts[:, self.local_faces]), matrix)  # [B, N, 3]
+            shade = torch.addcmul(mouth_one, e_posed.clamp_min(1e-3), inv_canon)  # [B, N, 3]
         sh = frame_sh(self.sh[:, :k], color, B, shade)  # [B, N, k, 3]
         return {"means": means, "quats": quats, "scales": scales,
                 "opacities": self.opacities.expand(B, N), "sh": sh, "sh_degree": d}

@@ -514,7 +514,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "GPU, none on a CPU)")
     parser.add_argument("--mlp-rows", type=int, default=None, metavar="ROWS",
                         help="(frame, Gaussian) rows per MLP chunk in the main rows (default "
-                             "flashavatar.animate._MLP_ROWS = 32768: a chunk's bf16 activations stay in L2)")
+                             "flashavatar.animate.default_mlp_rows: 2^20 on a GPU, 32768 on the CPU)")
     parser.add_argument("--sweep-mlp-rows", type=int, nargs="+", default=None, metavar="ROWS",
                         help="also time the MLP stage and the whole step (graph-replayed on a GPU) for each of these "
                              "chunk sizes, per avatar, batch size and reduced-precision dtype (fp32 when only fp32 "
@@ -568,10 +568,10 @@ def _load_avatars(args, device, gpu):
     return out
 
 
-def _default_mlp_rows() -> int:
-    from .animate import _MLP_ROWS
+def _default_mlp_rows(device: torch.device) -> int:
+    from .animate import default_mlp_rows
 
-    return _MLP_ROWS
+    return default_mlp_rows(device)
 
 
 def _fused_ops(device: torch.device) -> bool:
@@ -641,7 +641,7 @@ def run(args: argparse.Namespace) -> int:
         result = {"device": label, "device_type": device.type, "resolution": res, "source": avatars[0][3],
                   "rows": _headline(configs, batches), "torch": torch.__version__, "gsplat": gsplat_note,
                   "repeats": repeats, "warmup": warmup, "seconds": time.perf_counter() - t0, "configs": configs,
-                  "mlp_rows": mlp_rows or _default_mlp_rows(), "fused_ops": _fused_ops(device)}
+                  "mlp_rows": mlp_rows or _default_mlp_rows(device), "fused_ops": _fused_ops(device)}
         atomic_write_text(out, json.dumps(result, indent=1))  # after every avatar: a cut-off run keeps its rows
     if keep_first is not None and (deadline is None or time.perf_counter() < deadline - 60):
         reduced = [dt for dt in dtypes if dt != "fp32"] or dtypes

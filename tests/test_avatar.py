@@ -219,6 +219,26 @@ def test_sh9_basis_is_the_orthonormal_real_basis():
     assert float((gram - torch.eye(9, dtype=torch.float64)).abs().max()) < 0.02
 
 
+def test_irradiance_matrix_is_the_basis_sum():
+    """The Animator's quadratic form n̂ᵀ M n̂ equals Σ_k L_k Y_k(n) (sh9_basis @ coeffs) for any n, unit or not, in
+    float64; a wrong entry of M (one coefficient moved) breaks it."""
+    from flashavatar.model.avatar import irradiance_from_matrix, irradiance_matrix, sh9_basis
+
+    g = torch.Generator().manual_seed(3)
+    n = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    n[:25] = n[:25] / n[:25].norm(dim=-1, keepdim=True)
+    coeffs = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    want = sh9_basis(n) @ coeffs  # [50, 3]
+    m = irradiance_matrix(coeffs)
+    assert m.shape == (4, 4, 3)
+    torch.testing.assert_close(m, m.transpose(0, 1), atol=0, rtol=0)
+    torch.testing.assert_close(irradiance_from_matrix(n, m), want, atol=1e-12, rtol=1e-12)
+    for k in range(9):  # each coefficient reaches the form
+        moved = coeffs.clone()
+        moved[k] += 1.0
+        assert (irradiance_from_matrix(n, irradiance_matrix(moved)) - want).abs().max() > 1e-3, k
+
+
 def test_shading(flame, head):
     plain = GaussianAvatar(flame, head[1], uv_size=32)
     assert plain.shading_sh is None and "canonical_normals" not in plain.state_dict()  # SPEC's colour by default

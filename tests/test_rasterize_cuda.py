@@ -289,6 +289,44 @@ def test_cuda_split_forward_with_an_overflowed_image(monkeypatch):
     _assert_grads_close(g_part, g_full, NAMES, tol=1e-3)
 
 
+def test_tile_lists_with_large_gaussians():
+    """Tile lists of a scene where a few Gaussians span tens of tiles among many small ones (the warp-wide tile
+    visit of project and emit hands a warp's (Gaussian, tile) pairs out 32 at a time): every Gaussian appears
+    once in exactly as many lists as project counted, each list is in depth order, and the image equals the
+    float64 CPU path."""
+    W, H = 256, 192  # 16 x 12 tiles
+    (m, q, s, o, c, vm, K), bg = _scene(3000, d=3, seed=31, cams=2, width=W, height=H, scale=0.004)
+    s = s.clone()
+    s[::97] *= 25.0  # ~31 Gaussians with radii of tens to hundreds of pixels
+    o = o.clone()
+    o[::97] = 0.6
+    args = [m, q, s, o, c, vm, K]
+    out = _fwd_raw(args, bg, W, H, None)
+    n, tiles = m.shape[0], (W // 16) * (H // 16)
+    radii, depths, sorted_ids, isect, ranges, offsets = (out[i].cpu() for i in (3, 7, 10, 11, 12, 13))
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))  # [C*N] tiles per Gaussian, depth order
+    per_gauss = torch.zeros(2 * n, dtype=torch.long)
+    per_gauss[(torch.arange(2 * n) // n) * n + sorted_ids.long()] = counts.long()
+    assert int(per_gauss[torch.arange(0, n, 97)].max()) > 32, "no Gaussian spans more than 32 tiles"
+    seen = torch.zeros(2 * n, dtype=torch.long)
+    flat_depth = depths.reshape(-1)
+    for t in range(ranges.shape[0]):
+        a, b = int(ranges[t, 0]), int(ranges[t, 1])
+        ids = isect[a:b].long()
+        assert (ids >= 0).all(), f"tile {t}: padding inside its list"
+        assert torch.unique(ids).numel() == ids.numel(), f"tile {t}: a Gaussian listed twice"
+        assert (ids // n == t // tiles).all(), f"tile {t}: a Gaussian of another image"
+        assert (torch.diff(flat_depth[ids]) >= 0).all(), f"tile {t}: list not in depth order"
+        seen[ids] += 1
+    torch.testing.assert_close(seen, per_gauss, msg="entries per Gaussian != project's tile count")
+    assert int(seen.sum()) == int(offsets[-1])
+    assert int((radii.reshape(-1) > 0).sum()) > 0
+    ref_out, _, _ = _run(args, bg, W, H, None, "cpu", torch.float64, grads=False)
+    gpu_out, _, _ = _run(args, bg, W, H, None, DEV, torch.float32, grads=False)
+    for name, x, y in zip(("render", "alpha", "depth"), gpu_out, ref_out):
+        _assert_images_close(x, y, name)
+
+
 def test_forced_overflow_is_exact(monkeypatch):
     W, H = 64, 48
     args, bg = _scene(400, d=3, sh=2, seed=3, cams=3)

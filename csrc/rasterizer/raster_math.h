@@ -404,15 +404,24 @@ FA_HD T conic_min_over_rect(Sym2<T> q, T x0, T x1, T y0, T y1) {
 }
 // Does a Gaussian (mean2d, conic, opacity) reach alpha >= 1/255 at some pixel centre of tile (tx, ty)?
 // Conservative by a relative 1e-3 so rounding can never drop a pixel the dense evaluation keeps.
+// hit_threshold: the bound on the conic's quadratic form, once per Gaussian (the tile loops reuse it).
 template <typename T>
-FA_HD bool gaussian_hits_tile(T mx, T my, Sym2<T> conic, T opacity, int tx, int ty, int tile, int width,
-                              int height) {
-  const T t = T(2) * log(opacity * T(255)) * T(1.001) + T(1e-3);
+FA_HD T hit_threshold(T opacity) {
+  return T(2) * log(opacity * T(255)) * T(1.001) + T(1e-3);
+}
+template <typename T>
+FA_HD bool gaussian_hits_tile_t(T mx, T my, Sym2<T> conic, T threshold, int tx, int ty, int tile, int width,
+                                int height) {
   const int px1 = (tx + 1) * tile - 1 < width - 1 ? (tx + 1) * tile - 1 : width - 1;
   const int py1 = (ty + 1) * tile - 1 < height - 1 ? (ty + 1) * tile - 1 : height - 1;
   const T x0 = T(tx * tile) + T(0.5) - mx, x1 = T(px1) + T(0.5) - mx;
   const T y0 = T(ty * tile) + T(0.5) - my, y1 = T(py1) + T(0.5) - my;
-  return conic_min_over_rect(conic, x0, x1, y0, y1) <= t;
+  return conic_min_over_rect(conic, x0, x1, y0, y1) <= threshold;
+}
+template <typename T>
+FA_HD bool gaussian_hits_tile(T mx, T my, Sym2<T> conic, T opacity, int tx, int ty, int tile, int width,
+                              int height) {
+  return gaussian_hits_tile_t(mx, my, conic, hit_threshold(opacity), tx, ty, tile, width, height);
 }
 
 // ----------------------------------------------------------------------------------------------------

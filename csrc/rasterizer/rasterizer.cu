@@ -1,11 +1,13 @@
 // CUDA rasteriser. Pipeline for B*C images in one launch sequence, with no host-device synchronisation:
 //
 //   project      one thread per (image, Gaussian): EWA projection, SH colour, opacity-aware pixel bounds,
-//                the number of 16x16 tiles touched, and a (image, depth) sort key
+//                the number of 16x16 tiles touched (tested by the whole warp, load-balanced over its lanes'
+//                tile rects: warp_visit_hit_tiles), and a (image, depth) sort key
 //   depth sort   cub radix sort of those keys -> every image's Gaussians front to back (static size B*C*N)
 //   scan         tile counts in depth order (read through the sorted ids) -> inclusive offsets (static size)
 //   emit         each Gaussian writes (image*tiles + tile) keys, in depth order, into a buffer of fixed
-//                `capacity`; writes past it are dropped. The rest of the buffer is padded with a sentinel.
+//                `capacity` (the same warp-wide tile visit); writes past it are dropped. The rest of the buffer
+//                is padded with a sentinel.
 //   tile sort    cub radix sort on the tile key only. It is stable, so entries of one tile stay in depth
 //                order: the sort needs log2(images*tiles) bits instead of the peers' 64-bit tile|depth keys.
 //   ranges       start/end of every tile in the sorted list
@@ -101,6 +103,52 @@ int bits_for(uint64_t n) {  // bits needed to represent n
 }
 
 // ------------------------------------------------------------------------------------------------------
+constexpr unsigned kFullWarp = 0xffffffffu;
+// Threads per block of the per-Gaussian kernels (project, emit): 128 rather than 256 spreads one image's ~15k
+// Gaussians over ~110 SMs instead of ~57 (these kernels are latency bound at batch 1).
+constexpr int kPerGaussianBlock = 128;
+
+// The tiles each lane's Gaussian hits, visited by the whole warp: the warp's (Gaussian, tile) pairs (every lane's
+// tile rect, `area` tiles) are numbered through an exclusive prefix sum and lane l tests pairs l, l + 32, ...,
+// so one large Gaussian does not keep its warp's other 31 lanes waiting (trained avatars: a few Gaussians span
+// tens of tiles, and the one-thread-per-Gaussian loops took 40 us each of a 0.27 ms frame on the H200).
+// visit(owner, tx, ty) runs on the lane that tested the pair, for every tile the owner lane's Gaussian hits, in no
+// particular order. Every lane of the warp must call this (lanes without a Gaussian with area 0); warp-uniform
+// control flow throughout.
+template <typename Visit>
+__device__ __forceinline__ void warp_visit_hit_tiles(const Params& p, int4 rect, int area, float mx, float my,
+                                                     Sym2<float> conic, float threshold, Visit visit) {
+  const int lane = threadIdx.x & 31;
+  int incl = area;  // inclusive prefix of the areas over the warp's lanes
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int v = __shfl_up_sync(kFullWarp, incl, off);
+    if (lane >= off) incl += v;
+  }
+  const int total = __shfl_sync(kFullWarp, incl, 31);
+  const int width = rect.z - rect.x + 1;
+  for (int base = 0; base < total; base += 32) {
+    const int t = base + lane;
+    int owner = 0;  // the first lane whose inclusive prefix exceeds t (binary search over the lanes)
+#pragma unroll
+    for (int step = 16; step > 0; step >>= 1)
+      if (__shfl_sync(kFullWarp, incl, owner + step - 1) <= t) owner += step;
+    const int first = __shfl_sync(kFullWarp, incl - area, owner);
+    const int ox = __shfl_sync(kFullWarp, rect.x, owner), oy = __shfl_sync(kFullWarp, rect.y, owner);
+    const int ow = __shfl_sync(kFullWarp, width, owner);
+    const float gx = __shfl_sync(kFullWarp, mx, owner), gy = __shfl_sync(kFullWarp, my, owner);
+    const Sym2<float> gc{__shfl_sync(kFullWarp, conic.a, owner), __shfl_sync(kFullWarp, conic.b, owner),
+                         __shfl_sync(kFullWarp, conic.c, owner)};
+    const float gt = __shfl_sync(kFullWarp, threshold, owner);
+    if (t < total) {
+      const int local = t - first;
+      const int ty = oy + local / ow, tx = ox + local % ow;
+      if (raster::gaussian_hits_tile_t(gx, gy, gc, gt, tx, ty, kTileSize, p.W, p.H)) visit(owner, tx, ty);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------
 __global__ void project_kernel(Params p, const float* __restrict__ means,  // [B, N, 3]
                                const float* __restrict__ quats,            // [B, N, 4]
                                const float* __restrict__ scales,           // [B, N, 3]
@@ -117,17 +165,38 @@ __global__ void project_kernel(Params p, const float* __restrict__ means,  // [B
                                int32_t* __restrict__ tile_counts,          // [B*C*N]
                                uint64_t* __restrict__ depth_keys,          // [B*C*N]
                                int32_t* __restrict__ depth_vals) {         // [B*C*N]
+  // Launched with kPerGaussianBlock threads: every lane reaches the warp-wide tile count (no early return before).
+  __shared__ int s_count[kPerGaussianBlock];  // hits per lane's Gaussian
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t total = int64_t(p.B) * p.C * p.N;
-  if (idx >= total) return;
-  const int img = int(idx / p.N), n = int(idx % p.N), b = img / p.C;
+  const bool in_range = idx < total;
+  const int img = in_range ? int(idx / p.N) : 0, n = in_range ? int(idx % p.N) : 0, b = img / p.C;
   const int64_t g = int64_t(b) * p.N + n;
   const float* vm = viewmats + int64_t(img) * 16;
-  const Intrinsics<float> k = intrinsics_of(Ks + int64_t(img) * 9, p);
   Projected<float> pr;
-  const bool ok = raster::project_gaussian(means + 3 * g, quats + 4 * g, scales + 3 * g, opac[g], vm, k,
-                                           p.near_plane, p.far_plane, p.eps2d, pr);
-  depth_vals[idx] = n;
+  bool ok = false;
+  if (in_range) {
+    const Intrinsics<float> k = intrinsics_of(Ks + int64_t(img) * 9, p);
+    ok = raster::project_gaussian(means + 3 * g, quats + 4 * g, scales + 3 * g, opac[g], vm, k, p.near_plane,
+                                  p.far_plane, p.eps2d, pr);
+    depth_vals[idx] = n;
+  }
+  // Exact ellipse-tile test: only tiles where alpha can reach 1/255 somewhere (fewer entries to sort and
+  // blend than the bounding box; the image is the same). Counted by the whole warp.
+  int4 r = make_int4(0, 0, 0, 0);
+  float threshold = 0.f;
+  if (ok) {
+    r = make_int4(pr.rect.x0 / kTileSize, pr.rect.y0 / kTileSize, pr.rect.x1 / kTileSize, pr.rect.y1 / kTileSize);
+    threshold = raster::hit_threshold(opac[g]);
+  }
+  s_count[threadIdx.x] = 0;
+  __syncwarp();
+  const int warp_base = threadIdx.x & ~31;
+  warp_visit_hit_tiles(p, r, ok ? (r.z - r.x + 1) * (r.w - r.y + 1) : 0, ok ? pr.mx : 0.f, ok ? pr.my : 0.f,
+                       ok ? pr.conic : Sym2<float>{0.f, 0.f, 0.f}, threshold,
+                       [&](int owner, int, int) { atomicAdd(&s_count[warp_base + owner], 1); });
+  __syncwarp();
+  if (!in_range) return;
   if (!ok) {
     radii[idx] = 0;
     tile_counts[idx] = 0;
@@ -144,16 +213,8 @@ __global__ void project_kernel(Params p, const float* __restrict__ means,  // [B
   conics[3 * idx + 1] = pr.conic.b;
   conics[3 * idx + 2] = pr.conic.c;
   depths[idx] = pr.depth;
-  const int4 r = make_int4(pr.rect.x0 / kTileSize, pr.rect.y0 / kTileSize, pr.rect.x1 / kTileSize,
-                           pr.rect.y1 / kTileSize);
   tile_rect[idx] = r;
-  // Exact ellipse-tile test: only tiles where alpha can reach 1/255 somewhere (fewer entries to sort and
-  // blend than the bounding box; the image is the same).
-  int count = 0;
-  for (int ty = r.y; ty <= r.w; ++ty)
-    for (int tx = r.x; tx <= r.z; ++tx)
-      count += raster::gaussian_hits_tile(pr.mx, pr.my, pr.conic, opac[g], tx, ty, kTileSize, p.W, p.H);
-  tile_counts[idx] = count;
+  tile_counts[idx] = s_count[threadIdx.x];
   // depth >= near > 0, so the float's bits order like the float.
   depth_keys[idx] = (uint64_t(img) << 32) | uint64_t(__float_as_uint(pr.depth));
   float* out = colors_eval + idx * p.D;
@@ -182,32 +243,51 @@ __global__ void emit_kernel(Params p, int64_t total, const int32_t* __restrict__
                             const float2* __restrict__ means2d, const float* __restrict__ conics,
                             const float* __restrict__ opac, uint32_t sentinel, uint32_t* __restrict__ keys,
                             int32_t* __restrict__ vals) {
+  // Launched with kPerGaussianBlock threads: every lane reaches the warp-wide tile visit (no early return before).
+  __shared__ int s_start[kPerGaussianBlock], s_slots[kPerGaussianBlock], s_used[kPerGaussianBlock];
+  __shared__ int s_flat[kPerGaussianBlock];  // per lane's Gaussian: first slot, slot count, slots used, flat id
   const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (s >= total) return;
-  const int img = int(s / p.N);
-  const int64_t flat = int64_t(img) * p.N + sorted_ids[s];
-  const int cnt = tile_counts[flat];
-  if (cnt == 0) return;
-  int pos = offsets[s] - cnt;
-  if (pos >= p.capacity) return;  // overflow: this image is rendered by the fallback path
-  // Exactly the slots [offsets[s] - cnt, offsets[s]) the scan gave this Gaussian (within the capacity): the tile
-  // test is re-evaluated here in another kernel, so should it ever disagree with project_kernel's count, extra
-  // hits are dropped and missing ones padded with the sentinel (sorted past every tile, never read) rather than
-  // leaving stale keys and ids in the sorted range.
-  const int end = min(offsets[s], p.capacity);
-  const int4 r = tile_rect[flat];
-  const uint32_t base = uint32_t(img) * uint32_t(p.tiles_x * p.tiles_y);
-  const float2 m = means2d[flat];
-  const Sym2<float> conic{conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]};
-  const float o = opac[int64_t(img / p.C) * p.N + sorted_ids[s]];
-  for (int ty = r.y; ty <= r.w && pos < end; ++ty)
-    for (int tx = r.x; tx <= r.z && pos < end; ++tx) {
-      if (!raster::gaussian_hits_tile(m.x, m.y, conic, o, tx, ty, kTileSize, p.W, p.H)) continue;
-      keys[pos] = base + uint32_t(ty * p.tiles_x + tx);
-      vals[pos] = int32_t(flat);
-      ++pos;
-    }
-  for (; pos < end; ++pos) {
+  const int img = s < total ? int(s / p.N) : 0;
+  const int64_t flat = s < total ? int64_t(img) * p.N + sorted_ids[s] : 0;
+  const int cnt = s < total ? tile_counts[flat] : 0;
+  // Exactly the slots [offsets[s] - cnt, offsets[s]) the scan gave this Gaussian (within the capacity; an image
+  // past it is rendered by the fallback path): the tile test is re-evaluated here in another kernel, so should it
+  // ever disagree with project_kernel's count, extra hits are dropped and missing ones padded with the sentinel
+  // (sorted past every tile, never read) rather than leaving stale keys and ids in the sorted range. Within its
+  // slots a Gaussian's tiles land in any order: the stable tile sort never compares two entries of one Gaussian
+  // (they lie in different tiles), so the sorted lists are the same.
+  const int start = cnt > 0 ? offsets[s] - cnt : 0;
+  const bool active = cnt > 0 && start < p.capacity;
+  const int slots = active ? min(offsets[s], p.capacity) - start : 0;
+  int4 r = make_int4(0, 0, 0, 0);
+  float2 m = make_float2(0.f, 0.f);
+  Sym2<float> conic{0.f, 0.f, 0.f};
+  float threshold = 0.f;
+  if (active) {
+    r = tile_rect[flat];
+    m = means2d[flat];
+    conic = Sym2<float>{conics[3 * flat], conics[3 * flat + 1], conics[3 * flat + 2]};
+    threshold = raster::hit_threshold(opac[int64_t(img / p.C) * p.N + sorted_ids[s]]);
+  }
+  s_start[threadIdx.x] = start;
+  s_slots[threadIdx.x] = slots;
+  s_used[threadIdx.x] = 0;
+  s_flat[threadIdx.x] = int32_t(flat);
+  __syncwarp();
+  const int warp_base = threadIdx.x & ~31;
+  const uint32_t tiles = uint32_t(p.tiles_x * p.tiles_y);
+  warp_visit_hit_tiles(p, r, active ? (r.z - r.x + 1) * (r.w - r.y + 1) : 0, m.x, m.y, conic, threshold,
+                       [&](int owner, int tx, int ty) {
+                         const int o = warp_base + owner;
+                         const int k = atomicAdd(&s_used[o], 1);
+                         if (k >= s_slots[o]) return;
+                         const int pos = s_start[o] + k;
+                         const int flat_o = s_flat[o];
+                         keys[pos] = uint32_t(flat_o / p.N) * tiles + uint32_t(ty * p.tiles_x + tx);
+                         vals[pos] = flat_o;
+                       });
+  __syncwarp();
+  for (int pos = start + min(s_used[threadIdx.x], slots); pos < start + slots; ++pos) {
     keys[pos] = sentinel;
     vals[pos] = -1;
   }
@@ -1205,7 +1285,7 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
     const auto sorted_counts = thrust::make_transform_iterator(thrust::make_counting_iterator<int64_t>(0),
                                                                SortedTileCount{sorted_ptr, tile_counts, int(N)});
 
-    project_kernel<<<blocks_for(BCN), 256, 0, stream>>>(
+    project_kernel<<<blocks_for(BCN, kPerGaussianBlock), kPerGaussianBlock, 0, stream>>>(
         p, means.data_ptr<float>(), quats.data_ptr<float>(), scales.data_ptr<float>(), opacities.data_ptr<float>(),
         colors.data_ptr<float>(), viewmats.data_ptr<float>(), Ks.data_ptr<float>(), radii.data_ptr<int32_t>(),
         reinterpret_cast<float2*>(means2d.data_ptr<float>()), conics.data_ptr<float>(),
@@ -1218,7 +1298,7 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
     C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp, bytes_scan, sorted_counts, offsets_ptr, int(BCN),
                                                  stream));
     // 3. Emit tile keys (depth order) into the fixed-capacity buffer; pad the rest with the sentinel.
-    emit_kernel<<<blocks_for(BCN), 256, 0, stream>>>(p, BCN, sorted_ptr, offsets_ptr, tile_counts, tile_rect,
+    emit_kernel<<<blocks_for(BCN, kPerGaussianBlock), kPerGaussianBlock, 0, stream>>>(p, BCN, sorted_ptr, offsets_ptr, tile_counts, tile_rect,
                                                       reinterpret_cast<const float2*>(means2d.data_ptr<float>()),
                                                       conics.data_ptr<float>(), opacities.data_ptr<float>(),
                                                       sentinel, keys, vals);

@@ -50,9 +50,9 @@ def shade_sh(sh: torch.Tensor, shade: torch.Tensor) -> torch.Tensor:
     """SH ``[B, N, K, 3]`` whose colour is ``shade [B, N, 3]`` times that of ``sh`` (``[B, N, K, 3]`` or
     ``[N, K, 3]``): the colour is 0.5 + Σ_k Y_k c_k, so every band scales and the DC band also takes
     (shade − 1) · 0.5 / C0."""
-    scaled = sh * shade[:, :, None, :]  # [B, N, K, 3]
-    dc = scaled[:, :, :1] + ((shade - 1.0) * (0.5 / SH_C0))[:, :, None]
-    return torch.cat((dc, scaled[:, :, 1:]), dim=2)
+    out = sh * shade[:, :, None, :]  # [B, N, K, 3], a new tensor: the DC shift goes in place (no concatenation)
+    out[:, :, 0] += (shade - 1.0) * (0.5 / SH_C0)
+    return out
 
 
 # Real SH of degree <= 2 (9 functions) of a unit normal: the irradiance basis (Ramamoorthi & Hanrahan 2001:
@@ -66,6 +66,28 @@ def sh9_basis(n: torch.Tensor) -> torch.Tensor:
     c0, c1, c2, c3, c4 = _SH9
     return torch.stack((torch.full_like(x, c0), c1 * y, c1 * z, c1 * x, c2 * x * y, c2 * y * z,
                         c3 * (3 * z * z - 1), c2 * x * z, c4 * (x * x - y * y)), dim=-1)
+
+
+def irradiance_matrix(coeffs: torch.Tensor) -> torch.Tensor:
+    """The 9-term irradiance ``coeffs [9, 3]`` as a quadratic form: ``M [4, 4, 3]`` (symmetric in its first two
+    dims) with ``n̂ᵀ M[..., c] n̂ = Σ_k L_kc Y_k(n)`` for ``n̂ = (x, y, z, 1)`` and any ``n`` (Ramamoorthi &
+    Hanrahan's matrix form; the constant −c3 of Y20 sits in the (w, w) entry). Five small products per normal
+    instead of nine basis functions and a 9-wide GEMM."""
+    c0, c1, c2, c3, c4 = _SH9
+    L = coeffs
+    xx, yy, zz, ww = c4 * L[8], -c4 * L[8], 3 * c3 * L[6], c0 * L[0] - c3 * L[6]
+    xy, yz, xz = 0.5 * c2 * L[4], 0.5 * c2 * L[5], 0.5 * c2 * L[7]
+    xw, yw, zw = 0.5 * c1 * L[3], 0.5 * c1 * L[1], 0.5 * c1 * L[2]
+    rows = ((xx, xy, xz, xw), (xy, yy, yz, yw), (xz, yz, zz, zw), (xw, yw, zw, ww))
+    return torch.stack([torch.stack(r) for r in rows])  # [4, 4, 3]
+
+
+def irradiance_from_matrix(normals: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``[..., 3]`` irradiance n̂ᵀ M n̂ per colour channel at ``normals [..., 3]`` (``matrix`` from
+    :func:`irradiance_matrix`)."""
+    nh = torch.cat((normals, torch.ones_like(normals[..., :1])), dim=-1)  # [..., 4]
+    t = (nh @ matrix.reshape(4, 12)).unflatten(-1, (4, 3))  # [..., 4 (j), 3]: Σ_i n̂_i M_ij
+    return (t * nh[..., None]).sum(-2)
 
 
 def triangle_normals(tri: torch.Tensor) -> torch.Tensor:
