@@ -11,6 +11,8 @@
 #           as a quadratic form): the fast-path / avatar / training tests, `flashavatar bench --run` on a uv-128
 #           training (8,000 its) and on a short gpu-preset training (uv 256 + shading, 3,000 its: the shading
 #           stage's cost), and the untrained benchmark avatars (uv 128 and 256, batches 1/16/64)
+#   mlp     the fused MLP kernel (csrc/mlp/): its tests and the fast path's GPU tests, then the untrained uv-128
+#           avatar at batches 1/16/64 with the fused MLP and with the cuBLAS GEMMs (`--fused-mlp on|off`)
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/fa_train}; mkdir -p "$OUT" "$WORK"
@@ -60,6 +62,16 @@ elif [ "$1" = preset ]; then
   timeout 120 python3 -m flashavatar.cli bench --uv-size 128 --dtypes bf16 --batch-sizes 16 64 --no-gsplat \
     --sweep-mlp-rows 32768 262144 2000000 --sweep-only --out "$OUT/mlp_rows.json" >"$OUT/mlp_rows.log" 2>&1
   el "mlp rows rc=$?"; grep -i "rows\|ms" "$OUT/mlp_rows.log" | tail -12
+fi
+if [ "$1" = mlp ]; then
+  timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_fused_mlp.py tests/test_fast_path.py \
+    -k "cuda or Cuda or fused or cpu_op" >"$OUT/pytest_mlp.log" 2>&1
+  el "pytest rc=$?"; tail -1 "$OUT/pytest_mlp.log"; grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest_mlp.log" | head -8
+  for f in on off; do
+    timeout 45 python3 -m flashavatar.cli bench --uv-size 128 --dtypes bf16 --batch-sizes 1 16 64 --no-gsplat \
+      --no-compile --fused-mlp $f --out "$OUT/end_to_end_mlp_$f.json" >"$OUT/end_to_end_mlp_$f.log" 2>&1
+    el "bench fused-mlp $f rc=$?"; grep "fused MLP\|fast bf16 .*graph\|  bf16  graph" "$OUT/end_to_end_mlp_$f.log" | head -8
+  done
 fi
 if [ "$1" = final ]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_fast_path.py tests/test_avatar.py \

@@ -17,6 +17,7 @@
 #include "flame/flame_lbs.h"
 // ---- end assembly headers ----
 #include "ssim/ssim.h"
+#include "mlp/fused_mlp.h"
 
 TORCH_LIBRARY(flashavatar, m) {
   // ---- rasterizer schemas ----
@@ -61,6 +62,8 @@ TORCH_LIBRARY(flashavatar, m) {
   // ---- end assembly schemas ----
   // Shapes: csrc/ssim/ssim.h. ssim_fwd -> (ssim_map [N, H, W], moments [5, N, H, W, C] or [0]).
   m.def("ssim_fwd(Tensor pred, Tensor gt, float sigma, bool keep_moments) -> (Tensor, Tensor)");
+  // Shapes: csrc/mlp/fused_mlp.h. Inference only (no backward).
+  m.def("fused_mlp(Tensor h_pe, Tensor cond, Tensor w_hidden, Tensor b_hidden, Tensor w_out, Tensor b_out) -> Tensor");
   m.def("ssim_bwd(Tensor grad_map, Tensor pred, Tensor gt, Tensor moments, float sigma, bool need_pred, "
         "bool need_gt) -> (Tensor, Tensor)");
 }
@@ -82,6 +85,7 @@ TORCH_LIBRARY_IMPL(flashavatar, CPU, m) {
   m.impl("flame_lbs", &flashavatar::flame_lbs_cpu);
   // ---- end assembly CPU ----
   m.impl("ssim_fwd", &flashavatar::ssim_fwd_cpu);
+  m.impl("fused_mlp", &flashavatar::fused_mlp_cpu);
   m.impl("ssim_bwd", &flashavatar::ssim_bwd_cpu);
 }
 
@@ -103,6 +107,7 @@ TORCH_LIBRARY_IMPL(flashavatar, CUDA, m) {
   m.impl("flame_lbs", &flashavatar::flame_lbs_cuda);
   // ---- end assembly CUDA ----
   m.impl("ssim_fwd", &flashavatar::ssim_fwd_cuda);
+  m.impl("fused_mlp", &flashavatar::fused_mlp_cuda);
   m.impl("ssim_bwd", &flashavatar::ssim_bwd_cuda);
 }
 #endif

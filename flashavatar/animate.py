@@ -241,6 +241,9 @@ class Animator:
             and the kinematic chain is FLAME's flat one, else the torch path.
         mlp_rows: (frame, Gaussian) rows per MLP chunk (default :func:`default_mlp_rows`: 2^20 on a GPU, 32k on
             the CPU; smaller = activations that stay in cache, larger = fewer and larger GEMMs).
+        fused_mlp: the MLP as one kernel (``flashavatar.ops.fused_mlp``: activations kept on chip through the
+            layers); default: where it runs and is right here (bf16/fp16 on an sm_80+ GPU with 198 KB of shared
+            memory per block, hidden width 256), else the chunked GEMMs.
 
     Per-frame methods (``B`` frames, ``N`` Gaussians, ``U`` used vertices, ``K`` SH coefficients)::
 
@@ -254,8 +257,9 @@ class Animator:
 
     def __init__(self, avatar, *, mlp_dtype: str | torch.dtype | None = "fp32", restrict_flame: bool = True,
                  compile: bool | str = False, fused_assembly: bool | None = None, fused_flame: bool | None = None,
-                 mlp_rows: int | None = None):
+                 mlp_rows: int | None = None, fused_mlp: bool | None = None):
         self.avatar = avatar
+        self._fused_mlp_arg = fused_mlp
         self.mlp_dtype = _as_dtype(mlp_dtype)
         self.restrict_flame = bool(restrict_flame)
         if mlp_rows is not None and int(mlp_rows) < 1:
@@ -322,6 +326,22 @@ class Animator:
                 raise ValueError(f"Animator: MLP values up to {big:.3g} overflow float16; use mlp_dtype='bf16'")
         self._mm_out_dtype = dt != f32 and self.device.type == "cuda" and _has_mm_out_dtype(self.device, dt)
         self._fused_relu = self.device.type == "cuda" and _has_fused_addmm_relu(self.device, dt)
+        # the MLP as one kernel where it runs (the same roundings as the GEMMs below: weights and biases in the
+        # MLP dtype, the biases then widened to float32 for the kernel's epilogue)
+        from .ops.mlp import fused_mlp_supported
+
+        can_fuse_mlp = self.h_pe.shape[1] == 256 and fused_mlp_supported(self.device, dt)
+        if self._fused_mlp_arg and not can_fuse_mlp:
+            raise RuntimeError(f"Animator: fused_mlp=True but flashavatar.ops.fused_mlp cannot run here ({self.device}, "
+                               f"{dt}, hidden width {self.h_pe.shape[1]}): it needs bf16/fp16, width 256 and an sm_80+ "
+                               f"GPU with 198 KB of shared memory per block")
+        self.fused_mlp = can_fuse_mlp if self._fused_mlp_arg is None else bool(self._fused_mlp_arg)
+        if self.fused_mlp:
+            self.mlp_w_hidden = torch.stack([w.t() for w, _ in self.hidden]).contiguous()  # [L, H, H] [out, in]
+            self.mlp_b_hidden = torch.stack([b.to(f32) for _, b in self.hidden]).contiguous()  # [L, H]
+            outs = [(self.w_out_t, self.b_out)] + ([(self.w_col_t, self.b_col)] if self.has_color else [])
+            self.mlp_w_all = torch.cat([w.t() for w, _ in outs]).contiguous()  # [10 (+3), H]
+            self.mlp_b_all = torch.cat([b for _, b in outs]).contiguous()  # [10 (+3)] float32
 
         # per-Gaussian constants
         self.barycentrics = a.barycentrics.to(f32)  # [N, 3]
@@ -448,6 +468,14 @@ class Animator:
             raise ValueError(f"Animator.mlp: cond has shape {tuple(cond.shape)}, expected [B, {self.cond_dim}]")
         B, N = cond.shape[0], self.n_gaussians
         c = (cond.to(torch.float32) @ self.w_cond_t).to(self.mlp_dtype)  # [B, H]
+        if self.fused_mlp:
+            from .ops.mlp import fused_mlp
+
+            both = fused_mlp(self.h_pe, c, self.mlp_w_hidden, self.mlp_b_hidden, self.mlp_w_all, self.mlp_b_all)
+            if not self.has_color:
+                return torch.tanh_(both), None  # [B, N, 10]
+            return (torch.tanh(both[..., :10]),  # [B, N, 10], [B, N, 3]
+                    torch.tanh(both[..., 10:]).mul_(self.color_offset))
         out = torch.empty(B, N, 10, dtype=torch.float32, device=c.device)
         color = torch.empty(B, N, 3, dtype=torch.float32, device=c.device) if self.has_color else None
         # (frame, Gaussian) rows in chunks of about mlp_rows: a chunk's activations (mlp_rows x 256 x 2 B in bf16,

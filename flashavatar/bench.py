@@ -213,7 +213,8 @@ def _torch_flame(animator, codes):
 def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height: int, batch_sizes: list[int],
                  device: torch.device, *, dtypes: list[str], warmup: int, repeats: int, graphs: bool,
                  gsplat_fn: Callable | None, log: Callable[[str], None] = print,
-                 deadline: float | None = None, mlp_rows: int | None = None) -> tuple[list[dict], list[dict]]:
+                 deadline: float | None = None, mlp_rows: int | None = None,
+                 fused_mlp: bool | None = None) -> tuple[list[dict], list[dict]]:
     """Rows (one per pipeline variant and batch) and stage rows (one per dtype, batch and mode). Past
     ``deadline`` (``time.perf_counter()`` value) the remaining measurements are skipped and marked so."""
     skipped = "skipped: time budget (--max-seconds) used up"
@@ -228,7 +229,8 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
     d = avatar.active_sh_degree
     k = (d + 1) ** 2
     view, K = front_camera(width, height)
-    animators = {dt: Animator(avatar, mlp_dtype=dt, mlp_rows=mlp_rows) for dt in dtypes}
+    animators = {dt: Animator(avatar, mlp_dtype=dt, mlp_rows=mlp_rows, fused_mlp=fused_mlp) for dt in dtypes}
+    log("fused MLP: " + ", ".join(f"{dt} {'yes' if an.fused_mlp else 'no'}" for dt, an in animators.items()))
     rows, stage_rows = [], []
     cuda = device.type == "cuda"
 
@@ -250,7 +252,8 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
 
         def add(pipeline, dtype, graph, raster, ms, mem, **extra):
             row = {"batch": b, "pipeline": pipeline, "mlp_dtype": dtype, "graph": graph, "rasterizer": raster,
-                   "ms_per_call": ms, "fps": b / (ms / 1e3) if ms else None, "peak_mem_mib": mem, **extra}
+                   "ms_per_call": ms, "fps": b / (ms / 1e3) if ms else None, "peak_mem_mib": mem,
+                   "fused_mlp": animators[dtype].fused_mlp if dtype in animators else False, **extra}
             rows.append(row)
             log(f"  batch {b:>3} {pipeline:<18} {'graph' if graph else 'eager':<5} "
                 + (f"{ms:9.3f} ms  {row['fps']:>10.1f} FPS" if ms else f"  {extra.get('error', '')}"))
@@ -344,7 +347,7 @@ def bench_mlp_rows(avatar, base_codes: dict[str, torch.Tensor], width: int, heig
         bg = torch.tensor([0.0, 1.0, 0.0], device=device).expand(b, 1, 3).contiguous()
         cond = FlameCodes.from_any(codes).condition()
         for dt in dtypes:
-            an = Animator(avatar, mlp_dtype=dt)
+            an = Animator(avatar, mlp_dtype=dt, fused_mlp=False)  # the chunked GEMMs: the fused MLP has no chunks
             for rows in rows_list:
                 row = {"batch": b, "mlp_dtype": dt, "mlp_rows": rows, "graph": use_graph,
                        "chunks": len(mlp_chunks(b, avatar.n_gaussians, rows)), "mlp_ms": None, "ms_per_call": None}
@@ -515,6 +518,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp-rows", type=int, default=None, metavar="ROWS",
                         help="(frame, Gaussian) rows per MLP chunk in the main rows (default "
                              "flashavatar.animate.default_mlp_rows: 2^20 on a GPU, 32768 on the CPU)")
+    parser.add_argument("--fused-mlp", choices=["auto", "on", "off"], default="auto",
+                        help="the MLP as one kernel (flashavatar.ops.fused_mlp): auto = where it runs (bf16/fp16 on "
+                             "an sm_80+ GPU with 198 KB of shared memory per block), off = cuBLAS GEMMs per layer")
     parser.add_argument("--sweep-mlp-rows", type=int, nargs="+", default=None, metavar="ROWS",
                         help="also time the MLP stage and the whole step (graph-replayed on a GPU) for each of these "
                              "chunk sizes, per avatar, batch size and reduced-precision dtype (fp32 when only fp32 "
@@ -566,6 +572,9 @@ def _load_avatars(args, device, gpu):
         out.append((uv, avatar.to(device).eval(), codes,
                     f"untrained avatar on the procedural head ({pkl.parent})"))
     return out
+
+
+_FUSED_MLP_CHOICES = {"auto": None, "on": True, "off": False}
 
 
 def _default_mlp_rows(device: torch.device) -> int:
@@ -622,7 +631,8 @@ def run(args: argparse.Namespace) -> int:
         if not sweep_only:
             rows, stages = bench_avatar(avatar, codes, res, res, batches, device, dtypes=dtypes, warmup=warmup,
                                         repeats=repeats, graphs=gpu and not args.no_graphs, gsplat_fn=gsplat_fn,
-                                        log=lambda s: print(s, flush=True), deadline=deadline, mlp_rows=mlp_rows)
+                                        log=lambda s: print(s, flush=True), deadline=deadline, mlp_rows=mlp_rows,
+                                        fused_mlp=_FUSED_MLP_CHOICES[getattr(args, "fused_mlp", "auto")])
         cfg = {"uv_size": uv, "gaussians": avatar.n_gaussians,
                "mlp_gflop_per_frame": mlp_flops_per_frame(avatar) / 1e9, "rows": rows, "stages": stages}
         configs.append(cfg)

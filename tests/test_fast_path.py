@@ -241,13 +241,20 @@ def test_bad_inputs_are_named(head):
 # ------------------------------------------------------------------------------------------------ CUDA
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_reduced_precision_render_within_45db_of_fp32_cuda(head, dtype):
+@pytest.mark.parametrize("fused_mlp", [True, False])
+def test_reduced_precision_render_within_45db_of_fp32_cuda(head, dtype, fused_mlp):
+    from flashavatar.ops import fused_mlp_supported
+
     dev = torch.device("cuda")
+    if fused_mlp and not fused_mlp_supported(dev, torch.bfloat16 if dtype == "bf16" else torch.float16):
+        pytest.skip("the fused MLP needs an sm_80+ GPU with 198 KB of shared memory per block")
     a = trained_like(head, uv_size=128).to(dev)
     codes = random_codes(head[0], 4, seed=11, device=dev)
     vm, Ks = cameras(4, 512, dev)
     ref = Animator(a).render(codes, vm, Ks, 512, 512)[0]
-    low = Animator(a, mlp_dtype=dtype).render(codes, vm, Ks, 512, 512)[0]
+    an = Animator(a, mlp_dtype=dtype, fused_mlp=fused_mlp)
+    assert an.fused_mlp == fused_mlp
+    low = an.render(codes, vm, Ks, 512, 512)[0]
     assert torch.isfinite(low).all()
     assert psnr(low, ref) >= 45.0
 

@@ -10,3 +10,4 @@ from .emd import EMDResult, emd, gaussian_w2, gaussian_w2_from_scales_quats  # n
 from .assembly import gaussian_assembly  # noqa: F401,E402
 from .flame_lbs import flame_lbs  # noqa: F401,E402
 from .ssim import fused_ssim_map  # noqa: F401,E402
+from .mlp import fused_mlp, fused_mlp_supported  # noqa: F401,E402

@@ -226,3 +226,16 @@ def ssim_map_reference(pred: torch.Tensor, gt: torch.Tensor, sigma: float = 1.5)
     from .. import metrics  # lazy: metrics imports the ops package for its fused path
 
     return metrics.ssim_map(pred, gt, sigma=sigma, blur="conv")
+
+
+# ---- fused MLP reference ----
+def fused_mlp_reference(h_pe: Tensor, cond: Tensor, w_hidden: Tensor, b_hidden: Tensor, w_out: Tensor,
+                        b_out: Tensor) -> Tensor:
+    """``[B, N, O]`` float32: what ``flashavatar.ops.fused_mlp`` computes, layer by layer in float32 with the
+    activations rounded to the input dtype after every layer (``h_pe [N, H]``, ``cond [B, H]``,
+    ``w_hidden [L, H, H]``, ``b_hidden [L, H]``, ``w_out [O, H]``, ``b_out [O]``)."""
+    dt, f32 = h_pe.dtype, torch.float32
+    h = torch.relu(h_pe.to(f32)[None] + cond.to(f32)[:, None]).to(dt)  # [B, N, H]
+    for w, b in zip(w_hidden, b_hidden):
+        h = torch.relu(h.to(f32) @ w.to(f32).T + b).to(dt)
+    return h.to(f32) @ w_out.to(f32).T + b_out

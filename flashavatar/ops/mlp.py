@@ -1,0 +1,67 @@
+"""Fused deformation MLP: ``torch.ops.flashavatar.fused_mlp`` (kernels in ``csrc/mlp/``), inference only.
+
+The :class:`~flashavatar.animate.Animator`'s MLP over every (frame, Gaussian) row in one launch: each block keeps
+its 128 rows' activations in shared memory through all the layers and runs bf16/fp16 tensor-core MMAs, instead of
+one cuBLAS GEMM per layer whose activations round-trip through memory. Shapes for ``torch.compile`` / fake tensors
+through ``register_fake``. ``flashavatar.ops.reference.fused_mlp_reference`` is the pure-torch version.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _ext
+
+__all__ = ["fused_mlp", "fused_mlp_supported"]
+
+if _ext.available():
+
+    @torch.library.register_fake("flashavatar::fused_mlp")
+    def _fused_mlp_fake(h_pe, cond, w_hidden, b_hidden, w_out, b_out):
+        return h_pe.new_empty(cond.shape[0], h_pe.shape[0], w_out.shape[0], dtype=torch.float32)
+
+
+def fused_mlp(h_pe: Tensor, cond: Tensor, w_hidden: Tensor, b_hidden: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+    """Pre-activation outputs ``[B, N, O]`` (float32) of the MLP
+    ``W_out relu(W_L ... relu(W_1 relu(h_pe[g] + cond[f]) + b_1) ... + b_L) + b_out`` for every frame f and
+    Gaussian g, activations rounded to the input dtype after every layer.
+
+    Args:
+        h_pe: ``[N, 256]`` bfloat16 or float16, the per-Gaussian half of the first layer (bias included).
+        cond: ``[B, 256]`` same dtype, the per-frame half of the first layer.
+        w_hidden: ``[L, 256, 256]`` same dtype, hidden layers in ``torch.nn.Linear`` layout (``[out, in]``).
+        b_hidden: ``[L, 256]`` float32.
+        w_out: ``[O, 256]`` same dtype, ``1 <= O <= 16``.
+        b_out: ``[O]`` float32.
+    """
+    _ext.require("fused_mlp", h_pe.device)
+    return torch.ops.flashavatar.fused_mlp(h_pe, cond, w_hidden, b_hidden, w_out, b_out)
+
+
+_SUPPORTED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def fused_mlp_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the CUDA kernel runs and is right on ``device`` for ``dtype`` (bf16/fp16): it needs an sm_80+ GPU
+    that gives a block 198 KB of shared memory (H100/H200 do, A100 does not). Checked once per device and dtype on
+    a small problem against :func:`~flashavatar.ops.reference.fused_mlp_reference`."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not _ext.cuda_compiled():
+        return False
+    key = (str(device), dtype)
+    if key not in _SUPPORTED:
+        from .reference import fused_mlp_reference
+
+        g = torch.Generator().manual_seed(0)
+        args = [torch.randn(200, 256, generator=g) * 0.5, torch.randn(3, 256, generator=g) * 0.5,
+                torch.randn(2, 256, 256, generator=g) / 16, torch.randn(2, 256, generator=g) * 0.1,
+                torch.randn(10, 256, generator=g) / 16, torch.randn(10, generator=g) * 0.1]
+        args = [a.to(device, dtype if i in (0, 1, 2, 4) else torch.float32) for i, a in enumerate(args)]
+        try:
+            got = fused_mlp(*args)
+            want = fused_mlp_reference(*args)
+            _SUPPORTED[key] = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
+        except RuntimeError:  # an older GPU, too little shared memory
+            _SUPPORTED[key] = False
+    return _SUPPORTED[key]
