@@ -242,8 +242,9 @@ class Animator:
         mlp_rows: (frame, Gaussian) rows per MLP chunk (default :func:`default_mlp_rows`: 2^20 on a GPU, 32k on
             the CPU; smaller = activations that stay in cache, larger = fewer and larger GEMMs).
         fused_mlp: the MLP as one kernel (``flashavatar.ops.fused_mlp``: activations kept on chip through the
-            layers); default: where it runs and is right here (bf16/fp16 on an sm_80+ GPU with 198 KB of shared
-            memory per block, hidden width 256), else the chunked GEMMs.
+            layers; bf16/fp16 on an sm_80+ GPU with 198 KB of shared memory per block, hidden width 256). Off by
+            default: on the H200 it runs level with the cuBLAS GEMMs (batch 64 of uv 128: 2.53 against 2.48 ms;
+            batch 1: 0.064 against 0.066 ms), see benchmarks/NOTES_end_to_end.md.
 
     Per-frame methods (``B`` frames, ``N`` Gaussians, ``U`` used vertices, ``K`` SH coefficients)::
 
@@ -257,7 +258,7 @@ class Animator:
 
     def __init__(self, avatar, *, mlp_dtype: str | torch.dtype | None = "fp32", restrict_flame: bool = True,
                  compile: bool | str = False, fused_assembly: bool | None = None, fused_flame: bool | None = None,
-                 mlp_rows: int | None = None, fused_mlp: bool | None = None):
+                 mlp_rows: int | None = None, fused_mlp: bool = False):
         self.avatar = avatar
         self._fused_mlp_arg = fused_mlp
         self.mlp_dtype = _as_dtype(mlp_dtype)
@@ -326,16 +327,17 @@ class Animator:
                 raise ValueError(f"Animator: MLP values up to {big:.3g} overflow float16; use mlp_dtype='bf16'")
         self._mm_out_dtype = dt != f32 and self.device.type == "cuda" and _has_mm_out_dtype(self.device, dt)
         self._fused_relu = self.device.type == "cuda" and _has_fused_addmm_relu(self.device, dt)
-        # the MLP as one kernel where it runs (the same roundings as the GEMMs below: weights and biases in the
+        # the MLP as one kernel when asked for (the same roundings as the GEMMs below: weights and biases in the
         # MLP dtype, the biases then widened to float32 for the kernel's epilogue)
         from .ops.mlp import fused_mlp_supported
 
-        can_fuse_mlp = self.h_pe.shape[1] == 256 and fused_mlp_supported(self.device, dt)
-        if self._fused_mlp_arg and not can_fuse_mlp:
-            raise RuntimeError(f"Animator: fused_mlp=True but flashavatar.ops.fused_mlp cannot run here ({self.device}, "
-                               f"{dt}, hidden width {self.h_pe.shape[1]}): it needs bf16/fp16, width 256 and an sm_80+ "
-                               f"GPU with 198 KB of shared memory per block")
-        self.fused_mlp = can_fuse_mlp if self._fused_mlp_arg is None else bool(self._fused_mlp_arg)
+        want = bool(self._fused_mlp_arg)
+        can_fuse_mlp = want and self.h_pe.shape[1] == 256 and fused_mlp_supported(self.device, dt)
+        if want and not can_fuse_mlp:
+            raise RuntimeError(f"Animator: fused_mlp=True but flashavatar.ops.fused_mlp cannot run here "
+                               f"({self.device}, {dt}, hidden width {self.h_pe.shape[1]}): it needs bf16/fp16, width "
+                               f"256 and an sm_80+ GPU with 198 KB of shared memory per block")
+        self.fused_mlp = can_fuse_mlp
         if self.fused_mlp:
             self.mlp_w_hidden = torch.stack([w.t() for w, _ in self.hidden]).contiguous()  # [L, H, H] [out, in]
             self.mlp_b_hidden = torch.stack([b.to(f32) for _, b in self.hidden]).contiguous()  # [L, H]

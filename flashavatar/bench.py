@@ -214,7 +214,7 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
                  device: torch.device, *, dtypes: list[str], warmup: int, repeats: int, graphs: bool,
                  gsplat_fn: Callable | None, log: Callable[[str], None] = print,
                  deadline: float | None = None, mlp_rows: int | None = None,
-                 fused_mlp: bool | None = None) -> tuple[list[dict], list[dict]]:
+                 fused_mlp: bool = False) -> tuple[list[dict], list[dict]]:
     """Rows (one per pipeline variant and batch) and stage rows (one per dtype, batch and mode). Past
     ``deadline`` (``time.perf_counter()`` value) the remaining measurements are skipped and marked so."""
     skipped = "skipped: time budget (--max-seconds) used up"
@@ -518,9 +518,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlp-rows", type=int, default=None, metavar="ROWS",
                         help="(frame, Gaussian) rows per MLP chunk in the main rows (default "
                              "flashavatar.animate.default_mlp_rows: 2^20 on a GPU, 32768 on the CPU)")
-    parser.add_argument("--fused-mlp", choices=["auto", "on", "off"], default="auto",
-                        help="the MLP as one kernel (flashavatar.ops.fused_mlp): auto = where it runs (bf16/fp16 on "
-                             "an sm_80+ GPU with 198 KB of shared memory per block), off = cuBLAS GEMMs per layer")
+    parser.add_argument("--fused-mlp", choices=["on", "off"], default="off",
+                        help="the reduced-precision MLP as one kernel (flashavatar.ops.fused_mlp; needs an sm_80+ GPU "
+                             "with 198 KB of shared memory per block) instead of one cuBLAS GEMM per layer (default)")
     parser.add_argument("--sweep-mlp-rows", type=int, nargs="+", default=None, metavar="ROWS",
                         help="also time the MLP stage and the whole step (graph-replayed on a GPU) for each of these "
                              "chunk sizes, per avatar, batch size and reduced-precision dtype (fp32 when only fp32 "
@@ -574,7 +574,7 @@ def _load_avatars(args, device, gpu):
     return out
 
 
-_FUSED_MLP_CHOICES = {"auto": None, "on": True, "off": False}
+_FUSED_MLP_CHOICES = {"on": True, "off": False}
 
 
 def _default_mlp_rows(device: torch.device) -> int:
@@ -632,7 +632,7 @@ def run(args: argparse.Namespace) -> int:
             rows, stages = bench_avatar(avatar, codes, res, res, batches, device, dtypes=dtypes, warmup=warmup,
                                         repeats=repeats, graphs=gpu and not args.no_graphs, gsplat_fn=gsplat_fn,
                                         log=lambda s: print(s, flush=True), deadline=deadline, mlp_rows=mlp_rows,
-                                        fused_mlp=_FUSED_MLP_CHOICES[getattr(args, "fused_mlp", "auto")])
+                                        fused_mlp=_FUSED_MLP_CHOICES[getattr(args, "fused_mlp", "off")])
         cfg = {"uv_size": uv, "gaussians": avatar.n_gaussians,
                "mlp_gflop_per_frame": mlp_flops_per_frame(avatar) / 1e9, "rows": rows, "stages": stages}
         configs.append(cfg)

@@ -1,6 +1,6 @@
 """flashavatar.ops.fused_mlp: the CPU op equals the pure-torch reference (the same roundings), the CUDA kernel
-equals both on shapes whose rows straddle frames and blocks, the Animator's fused MLP equals its chunked GEMMs,
-bad input is named."""
+equals both on shapes whose rows straddle frames and blocks, the Animator's fused MLP (opt-in) equals its chunked
+GEMMs, bad input is named."""
 
 import pytest
 import torch
@@ -62,6 +62,21 @@ def test_fake_kernel_gives_the_shape():
     args = [a.to("meta") for a in _args(3, 7, 2, 13, torch.bfloat16)]
     out = torch.ops.flashavatar.fused_mlp(*args)
     assert out.shape == (3, 7, 13) and out.dtype == torch.float32 and out.device.type == "meta"
+
+
+def test_animator_refuses_a_fused_mlp_it_cannot_run():
+    from pathlib import Path
+    import tempfile
+
+    from flashavatar.animate import Animator
+    from flashavatar.model import FLAME, GaussianAvatar
+    from flashavatar.model.synthetic import write_head_model
+
+    path = write_head_model(Path(tempfile.mkdtemp()))
+    a = GaussianAvatar(FLAME(path), path.parent / "head_template.obj", uv_size=16)
+    with pytest.raises(RuntimeError, match="fused_mlp=True but .* cannot run here"):
+        Animator(a, mlp_dtype="bf16", fused_mlp=True)  # on the CPU
+    assert not Animator(a, mlp_dtype="bf16").fused_mlp  # off by default
 
 
 # ------------------------------------------------------------------------------------------------ CUDA

@@ -4,6 +4,12 @@
 // activations in shared memory through every layer; only the weights (128 KB per layer, L2-resident) and the
 // first layer's inputs are read, and only the outputs are written.
 //
+// Measured (H200, uv 128, bf16, graph replay; benchmarks/NOTES_end_to_end.md): level with cuBLAS, not faster:
+// 2.53 ms at batch 64 (242 TFLOP/s) against 2.48, 0.064 ms at batch 1 against 0.066. So the Animator keeps the
+// GEMMs by default (fused_mlp=False). This kernel is now bound by its own issue rate: one block per SM (198 KB),
+// 8 warps, no overlap of the next k-step's fragment loads with the MMAs, 32-bit shared loads instead of ldmatrix.
+// Next: ldmatrix.x4 fragments, k-slices of the weights double-buffered (so two blocks fit per SM), then wgmma.
+//
 // Block: 256 threads = 8 warps over a 128 x 256 output tile, warp w computing rows 32 (w % 4) .. + 32 and columns
 // 128 (w / 4) .. + 128 with mma.sync m16n8k16 (f32 accumulation). Shared memory: activations [128][264] and one
 // layer's weights [256][264] in the input dtype; rows padded by 8 elements so the fragment loads (32-bit words at

@@ -1,4 +1,5 @@
-"""Differentiable operators: Gaussian rasterisation, Earth Mover's distance, Gaussian 2-Wasserstein, SSIM.
+"""Differentiable operators: Gaussian rasterisation, Earth Mover's distance, Gaussian 2-Wasserstein, SSIM (and
+the inference-only fused MLP).
 
 Thin autograd wrappers over the dispatcher ops registered by ``flashavatar._C``; ``reference`` holds the
 pure-PyTorch versions that tests (and readers) trust.

@@ -4,6 +4,8 @@ The :class:`~flashavatar.animate.Animator`'s MLP over every (frame, Gaussian) ro
 its 128 rows' activations in shared memory through all the layers and runs bf16/fp16 tensor-core MMAs, instead of
 one cuBLAS GEMM per layer whose activations round-trip through memory. Shapes for ``torch.compile`` / fake tensors
 through ``register_fake``. ``flashavatar.ops.reference.fused_mlp_reference`` is the pure-torch version.
+The Animator uses it only when asked (``Animator(fused_mlp=True)``): on the H200 it runs level with the cuBLAS
+GEMMs (benchmarks/NOTES_end_to_end.md).
 """
 
 from __future__ import annotations
