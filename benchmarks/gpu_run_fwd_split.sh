@@ -17,18 +17,7 @@
 #           `flashavatar bench --run` on the uv-128 run (default and single), bench_rasterize
 set -o pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/fa_train}; mkdir -p "$OUT" "$WORK"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
-if ls .whl/*.whl >/dev/null 2>&1; then  # peers for the tests (the device cannot download)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >/dev/null 2>&1 && export PYTHONPATH=$PWD:/tmp/site
-fi
-t0=$(date +%s); el() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
-nvidia-smi --query-gpu=name --format=csv,noheader
-if ! ls flashavatar/_C*.so >/dev/null 2>&1; then
-  MAX_JOBS=16 FORCE_CUDA=1 python3 setup.py -q build_ext --inplace >/tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
-  el build
-fi
+source benchmarks/gpu_setup.sh  # OUT, WORK, environment, peer wheels, `el`, build
 e2e() {  # variant (split|single), batch sizes..., [--run DIR via RUN_DIR]
   local v=$1; shift
   export FLASHAVATAR_RAST_FWD=$v
