@@ -574,9 +574,6 @@ def _load_avatars(args, device, gpu):
     return out
 
 
-_FUSED_MLP_CHOICES = {"on": True, "off": False}
-
-
 def _default_mlp_rows(device: torch.device) -> int:
     from .animate import default_mlp_rows
 
@@ -632,7 +629,7 @@ def run(args: argparse.Namespace) -> int:
             rows, stages = bench_avatar(avatar, codes, res, res, batches, device, dtypes=dtypes, warmup=warmup,
                                         repeats=repeats, graphs=gpu and not args.no_graphs, gsplat_fn=gsplat_fn,
                                         log=lambda s: print(s, flush=True), deadline=deadline, mlp_rows=mlp_rows,
-                                        fused_mlp=_FUSED_MLP_CHOICES[getattr(args, "fused_mlp", "off")])
+                                        fused_mlp=getattr(args, "fused_mlp", "off") == "on")
         cfg = {"uv_size": uv, "gaussians": avatar.n_gaussians,
                "mlp_gflop_per_frame": mlp_flops_per_frame(avatar) / 1e9, "rows": rows, "stages": stages}
         configs.append(cfg)

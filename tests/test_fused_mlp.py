@@ -64,16 +64,19 @@ def test_fake_kernel_gives_the_shape():
     assert out.shape == (3, 7, 13) and out.dtype == torch.float32 and out.device.type == "meta"
 
 
-def test_animator_refuses_a_fused_mlp_it_cannot_run():
-    from pathlib import Path
-    import tempfile
-
-    from flashavatar.animate import Animator
+def _avatar(tmp_path, **kwargs):
+    """A GaussianAvatar on the procedural head (written to ``tmp_path``)."""
     from flashavatar.model import FLAME, GaussianAvatar
     from flashavatar.model.synthetic import write_head_model
 
-    path = write_head_model(Path(tempfile.mkdtemp()))
-    a = GaussianAvatar(FLAME(path), path.parent / "head_template.obj", uv_size=16)
+    path = write_head_model(tmp_path)
+    return GaussianAvatar(FLAME(path), path.parent / "head_template.obj", **kwargs)
+
+
+def test_animator_refuses_a_fused_mlp_it_cannot_run(tmp_path):
+    from flashavatar.animate import Animator
+
+    a = _avatar(tmp_path, uv_size=16)
     with pytest.raises(RuntimeError, match="fused_mlp=True but .* cannot run here"):
         Animator(a, mlp_dtype="bf16", fused_mlp=True)  # on the CPU
     assert not Animator(a, mlp_dtype="bf16").fused_mlp  # off by default
@@ -103,18 +106,13 @@ def test_cuda_kernel_equals_cpu_op(dtype, B, N, L, O):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("color_offset", [0.0, 0.2])
-def test_animator_fused_mlp_equals_chunked_gemms(color_offset):
+def test_animator_fused_mlp_equals_chunked_gemms(tmp_path, color_offset):
     from flashavatar.animate import Animator
-    from flashavatar.model import FLAME, GaussianAvatar
-    from flashavatar.model.synthetic import write_head_model
-    import tempfile
-    from pathlib import Path
 
     if not _cuda_ok(torch.bfloat16):
         pytest.skip("the fused MLP needs an sm_80+ GPU with 198 KB of shared memory per block")
-    path = write_head_model(Path(tempfile.mkdtemp()))
     torch.manual_seed(0)
-    a = GaussianAvatar(FLAME(path), path.parent / "head_template.obj", uv_size=64, color_offset=color_offset)
+    a = _avatar(tmp_path, uv_size=64, color_offset=color_offset)
     with torch.no_grad():
         for p in a.parameters():
             p.add_(0.05 * torch.randn_like(p))
