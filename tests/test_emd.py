@@ -87,13 +87,31 @@ def test_float_prefilter_changes_nothing(kind, d, p):
     assert torch.equal(filtered.cost, plain.cost) and torch.equal(filtered.gap, plain.gap)
 
 
+@pytest.mark.parametrize("kind,d,p,n", [("random", 3, 2, 1500), ("clustered", 3, 1, 1500), ("random", 2, 1, 1500),
+                                         ("scales", 3, 2, 400)])
+def test_pruned_scans_change_nothing_at_larger_n(kind, d, p, n):
+    # At n = 1,500 (47 blocks of 32 objects) the pruned scans skip most blocks for most bids and certificates
+    # (the scales problem takes ~100x more rounds, hence its smaller n).
+    # The d = 4 padding takes the plain scan over every object: the same rounds, so bit-identical results.
+    gen = torch.Generator().manual_seed(hash((kind, d, p, "pruned")) % 2**31)
+    x, y = point_sets(kind, 1, n, n, d, gen, dtype=torch.float32)
+    pruned = ops.emd(x, y, p=p, return_assignment=True)
+    pad = lambda t: torch.nn.functional.pad(t, (0, 4 - d))  # noqa: E731
+    plain = ops.emd(pad(x), pad(y), p=p, return_assignment=True)
+    assert pruned.converged.all()
+    assert torch.equal(pruned.assignment, plain.assignment)
+    assert torch.equal(pruned.iterations, plain.iterations)
+    assert torch.equal(pruned.cost, plain.cost) and torch.equal(pruned.gap, plain.gap)
+    assert torch.equal(pruned.g, plain.g)  # potentials back in the caller's object order
+
+
 @pytest.mark.parametrize("scale", [0.0, 1e-20, 3e18])
 def test_float_prefilter_extreme_scales(scale):
     # the filter's proof at its edges: all costs 0 (threshold from w = 0), subnormal float costs (its absolute
     # margin) and costs near 1e37 whose prices pass 1e37 (no threshold: every object takes the float64 path).
     gen = torch.Generator().manual_seed(31)
-    x = scale * torch.rand(1, 120, 3, generator=gen)
-    y = scale * torch.rand(1, 120, 3, generator=gen)
+    x = scale * torch.rand(1, 320, 3, generator=gen)  # 10 blocks for the pruned scans
+    y = scale * torch.rand(1, 320, 3, generator=gen)
     y[0, :30] = x[0, :30]  # exact zero costs next to the rest
     filtered = ops.emd(x, y, tol=1e-6, max_iter=200_000, return_assignment=True)
     plain = ops.emd(torch.nn.functional.pad(x, (0, 1)), torch.nn.functional.pad(y, (0, 1)), tol=1e-6,

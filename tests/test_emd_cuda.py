@@ -111,6 +111,13 @@ def test_emd_cuda_prefilter_matches_plain_scan(n):
     if n <= 4096:
         expected = pot_cost(x[0], y[0])
         assert abs(filtered.cost[0].item() - expected) <= 2e-6 * expected
+        # the potentials come back in the caller's object order: dual feasible, tight on the assignment
+        # (the solver worked on the objects in kd order)
+        cost = torch.cdist(x[0].double(), y[0].double()) ** 2  # [n, n]
+        f, g = filtered.f[0].cpu(), filtered.g[0].cpu()
+        assert (f[:, None] + g[None, :] - cost).max().item() <= 1e-6
+        tight = f + g[filtered.assignment[0].cpu()] - cost[torch.arange(n), filtered.assignment[0].cpu()]
+        assert tight.abs().max().item() <= 1e-4
 
 
 def _pair(seed=6):

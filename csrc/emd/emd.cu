@@ -5,14 +5,15 @@
 //
 // A round inside the block: the unassigned persons are split over the 32 warps (two persons per warp when more
 // than 32 bid, several warps per person when few are left, so the tail of a phase still uses the whole block);
-// each warp scans all
-// objects for (best, second best) and reduces with shuffles; bids go to objects with a 64-bit atomicMax on the
-// bit pattern of the (positive) double bid, ties to the smaller person with atomicMin; the winners take the
-// objects and the evicted persons form the next round's list. A round with a single bidder (most rounds at the
-// end of a phase: chains of evictions) skips the auction bookkeeping. Prices, bids, owners and the bidder lists
-// live in shared memory when they fit (carved greedily, most used first). float inputs with d <= 3 scan
-// 16-byte object records {y_j, float(p_j)} through the float32 pre-filter of auction.h and touch float64 only
-// for the few objects it cannot rule out (same results as the plain scan); a warp shares the filter threshold.
+// each warp scans the objects for (best, second best) and reduces with shuffles; bids go to objects with a
+// 64-bit atomicMax on the bit pattern of the (positive) double bid, ties to the smaller person with atomicMin;
+// the winners take the objects and the evicted persons form the next round's list. A round with a single bidder
+// (most rounds at the end of a phase: chains of evictions) skips the auction bookkeeping. Prices, bids, owners
+// and the bidder lists live in shared memory when they fit (carved greedily, most used first).
+// float inputs with d <= 3 take the pruned scans of auction.h: the objects come in kd order, blocks of 32 with a
+// bounding box and a price bound are skipped whole when the bound proves they lose, and the objects of the
+// blocks visited go through the float32 pre-filter, touching float64 only for the few it cannot rule out (same
+// results as the plain scan over every object). Other inputs scan every object in float64.
 // FLASHAVATAR_EMD_PROFILE=1 prints the kernel's cycles per kind of round (benchmarks/results/emd_h100.md).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -40,6 +41,8 @@ constexpr int kProfSlots = 12;
 // Device workspace, each array [B, n] (or [B]) in global memory.
 struct AuctionWork {
   ObjectRecord* rec;              // [B, n] {y_j, float(p_j)} (float inputs, d <= 3; else unused)
+  BlockBox* box;                  // [B, nblocks] bounding boxes of the object blocks (same inputs; else unused)
+  float* price_lo;                // [B, nblocks] lower bounds of the blocks' prices
   double* price;                  // [B, n]
   int* sigma;                     // [B, n] person -> object (-1 free)
   int* owner;                     // [B, n] object -> person (-1 free)
@@ -123,12 +126,11 @@ struct Person {
   }
 };
 
-// Warp-cooperative filtered scan (float inputs, d <= 3) for NP persons at once (one record load serves all).
-// Lane l takes objects first + l + k * step (first warp-uniform). Each person's filter threshold is shared by
-// the warp: it proves that an object loses to the warp's running second best (bid scans) or minimum
-// (kMinOnly: certificates), values the warp has already seen. A lane-local threshold (the CPU twin's) is far
-// looser early on and sent some lane of the warp down the float64 path in most iterations. Skipped objects
-// are strictly worse than the warp's final second best, so the merged result is that of the plain scan.
+// Filter thresholds of the pruned scans (float inputs, d <= 3) are shared by the warp: a threshold proves that an
+// object (or a whole block) loses to the warp's running second best (bid scans) or minimum (certificates), values
+// the warp has already seen. A lane-local threshold (the CPU twin's) is far looser early on and would send some
+// lane down the float64 path in most steps. Skipped objects are strictly worse than the warp's final second
+// best, so the merged result is that of the plain scan.
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ unsigned key_up(double w) { return __float_as_uint(float_up(w)); }
@@ -143,40 +145,68 @@ __device__ __forceinline__ unsigned warp_second_key(const BestTwo& bt) {
   return min(m2, __reduce_min_sync(kFullMask, key_up(bt.w2)));
 }
 
-template <int DIM, int NP, bool kMinOnly>
-__device__ __forceinline__ void warp_filtered_scan(const float (&xs)[NP][3], const ObjectRecord* rec,
-                                                   const double* price, int first, int step, int n, int p,
-                                                   int lane, BestTwo (&bt)[NP]) {
-  constexpr int kChunk = 4;  // objects per lane between threshold updates
-  float thr[NP];
-#pragma unroll
-  for (int q = 0; q < NP; ++q) bt[q] = best_two_init(), thr[q] = filter_threshold(HUGE_VALF);
-  for (int base = first; base < n; base += kChunk * step) {
-    bool pushed[NP];
-#pragma unroll
-    for (int q = 0; q < NP; ++q) pushed[q] = false;
-#pragma unroll
-    for (int k = 0; k < kChunk; ++k) {
-      const int j = base + k * step + lane;
-      if (j < n) {
-        const ObjectRecord r = rec[j];
-#pragma unroll
-        for (int q = 0; q < NP; ++q) {
-          const float c = ground_cost<DIM, float>(xs[q], r.y, DIM, p);
-          if (!(filter_value(c, r) >= thr[q])) {
-            best_two_push(bt[q], static_cast<double>(c) + price[j], j);
-            pushed[q] = true;
-          }
-        }
+// Warp-cooperative pruned scan (auction.h, "pruned scans") of person xs, best first: lane l keeps the lower
+// bounds of blocks l + 32 t (t < kBoundRegs) in registers, and the warp visits the block of the smallest bound
+// left, lane l taking object 32 b + l, until that bound reaches the filter threshold, which then rules out every
+// block left. Visiting the nearest blocks first tightens the threshold soonest (about 5 of 128 blocks at 4,096
+// uniform points). Blocks past 32 kBoundRegs (n > 8,192) are visited after, in index order, when their bounds do
+// not reach the threshold. Returns each lane's partial (the caller reduces).
+constexpr int kBoundRegs = 8;
+constexpr unsigned kNoBlock = 0xffffffffu;  // above every bound's bits (bounds are >= 0, possibly +inf)
+
+template <int DIM, bool kMinOnly>
+__device__ __forceinline__ BestTwo warp_pruned_scan(const float (&xs)[3], const ObjectRecord* rec,
+                                                    const double* price, const BlockBox* box,
+                                                    const float* price_lo, int n, int p, int lane) {
+  const int nblocks = (n + kBlockObjects - 1) / kBlockObjects;
+  BestTwo bt = best_two_init();
+  float thr = filter_threshold(HUGE_VALF);  // NaN: nothing skipped until the first values are in
+  auto visit = [&](int b) {                 // warp-uniform
+    const int j = b * kBlockObjects + lane;
+    bool pushed = false;
+    if (j < n) {
+      const ObjectRecord r = rec[j];
+      const float c = ground_cost<DIM, float>(xs, r.y, DIM, p);
+      if (!(filter_value(c, r) >= thr)) {
+        best_two_push(bt, static_cast<double>(c) + price[j], j);
+        pushed = true;
       }
     }
-    if (base + kChunk * step >= n) break;  // last chunk: no threshold needed any more
+    if (__any_sync(kFullMask, pushed))
+      thr = filter_threshold(
+          __uint_as_float(kMinOnly ? __reduce_min_sync(kFullMask, key_up(bt.w1)) : warp_second_key(bt)));
+  };
+  unsigned bound_key[kBoundRegs];  // bit patterns of the bounds (>= 0: they order like the floats)
 #pragma unroll
-    for (int q = 0; q < NP; ++q)
-      if (__any_sync(kFullMask, pushed[q]))
-        thr[q] = filter_threshold(
-            __uint_as_float(kMinOnly ? __reduce_min_sync(kFullMask, key_up(bt[q].w1)) : warp_second_key(bt[q])));
+  for (int t = 0; t < kBoundRegs; ++t) {
+    const int b = lane + 32 * t;
+    bound_key[t] = b < nblocks ? __float_as_uint(block_lower_bound<DIM>(xs, box[b], price_lo[b], p)) : kNoBlock;
   }
+  while (true) {
+    unsigned key = bound_key[0];
+    int t_min = 0;
+#pragma unroll
+    for (int t = 1; t < kBoundRegs; ++t)
+      if (bound_key[t] < key) key = bound_key[t], t_min = t;
+    const unsigned key_min = __reduce_min_sync(kFullMask, key);
+    if (key_min == kNoBlock || block_skippable(__uint_as_float(key_min), thr)) break;
+    const int src = __ffs(__ballot_sync(kFullMask, key == key_min)) - 1;
+    const int t_src = __shfl_sync(kFullMask, t_min, src);
+#pragma unroll
+    for (int t = 0; t < kBoundRegs; ++t)
+      if (lane == src && t == t_src) bound_key[t] = kNoBlock;
+    visit(src + 32 * t_src);
+  }
+  for (int base = 32 * kBoundRegs; base < nblocks; base += 32) {
+    const int b = base + lane;
+    const float lb = b < nblocks ? block_lower_bound<DIM>(xs, box[b], price_lo[b], p) : HUGE_VALF;
+    for (unsigned live = __ballot_sync(kFullMask, b < nblocks && !block_skippable(lb, thr)); live != 0u;
+         live &= live - 1u) {
+      const int k = __ffs(live) - 1;
+      if (!block_skippable(__shfl_sync(kFullMask, lb, k), thr)) visit(base + k);
+    }
+  }
+  return bt;
 }
 
 // Greedy carving of the dynamic shared memory: arrays are taken in order of how often a round touches them and
@@ -200,7 +230,10 @@ template <bool kFiltered>
 size_t carved_bytes(int n) {
   auto round16 = [](size_t b) { return (b + 15) & ~static_cast<size_t>(15); };
   const size_t nn = static_cast<size_t>(n);
-  size_t total = kFiltered ? round16(nn * sizeof(ObjectRecord)) : 0;
+  const size_t nblocks = (nn + kBlockObjects - 1) / kBlockObjects;
+  size_t total = kFiltered ? round16(nn * sizeof(ObjectRecord)) + round16(nblocks * sizeof(BlockBox)) +
+                                 round16(nblocks * sizeof(float))
+                           : 0;
   total += 2 * round16(nn * sizeof(double)) + round16(nn * sizeof(unsigned long long));  // price, bid_val, best_bits
   total += 5 * round16(nn * sizeof(int));  // owner, winner, bid_obj, cur, nxt
   return total;
@@ -225,6 +258,9 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
   // list), so latency, not bandwidth, sets its time. Whatever does not fit stays in global memory.
   extern __shared__ __align__(16) unsigned char s_dyn[];
   SmemCarver carve{s_dyn, smem_bytes};
+  const int nblocks = kFiltered ? (n + kBlockObjects - 1) / kBlockObjects : 0;
+  BlockBox* box = kFiltered ? carve.take(nblocks, w.box + item * nblocks) : nullptr;              // [nblocks]
+  float* price_lo = kFiltered ? carve.take(nblocks, w.price_lo + item * nblocks) : nullptr;        // [nblocks]
   ObjectRecord* rec = kFiltered ? carve.take(n, w.rec + off) : nullptr;  // [n]
   double* price = carve.take(n, w.price + off);                             // [n]
   int* owner = carve.take(n, w.owner + off);                                // [n] object -> person (-1 free)
@@ -235,41 +271,36 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
   int* winner = carve.take(n, w.winner + off);
   int* bid_obj = carve.take(n, w.bid_obj + off);     // [n] per bidder slot (rounds with several bidders)
   double* bid_val = carve.take(n, w.bid_val + off);  // [n]
+  __shared__ BestTwo s_part[kWarps];
+  __shared__ double s_red[kWarps];
+  __shared__ int s_count, s_next;
   auto set_price = [&](int j, double v) {
     price[j] = v;
     if constexpr (kFiltered) rec[j].price = static_cast<float>(v);
   };
   // Best two of c_ij + p_j over j = first + lane, first + lane + step, ... for person `me` (first warp-uniform).
+  // Pruned scans (float, d <= 3): best two (bids) or minimum (certificates, in w1) of person `me` (partial per
+  // lane).
+  auto pruned_scan = [&](const Person<DIM, scalar_t>& me, auto min_only) {
+    const float xs[3] = {static_cast<float>(me.c[0]), static_cast<float>(me.c[1]),
+                         DIM > 2 ? static_cast<float>(me.c[DIM - 1]) : 0.f};
+    return warp_pruned_scan<DIM, decltype(min_only)::value>(xs, rec, price, box, price_lo, n, p, lane);
+  };
+  // Plain scans (other inputs): best two of person `me` over j = first + lane, first + lane + step, ...
   auto scan_best_two = [&](const Person<DIM, scalar_t>& me, int first, int step) {
-    if constexpr (kFiltered) {
-      const float xs[1][3] = {{me.c[0], me.c[1], DIM > 2 ? me.c[DIM - 1] : 0.f}};
-      BestTwo bt[1];
-      warp_filtered_scan<DIM, 1, false>(xs, rec, price, first, step, n, p, lane, bt);
-      return bt[0];
-    } else {
-      BestTwo bt = best_two_init();
-      for (int j = first + lane; j < n; j += step) best_two_push(bt, me.cost_to(y, j, d, p) + price[j], j);
-      return bt;
-    }
+    BestTwo bt = best_two_init();
+    for (int j = first + lane; j < n; j += step) best_two_push(bt, me.cost_to(y, j, d, p) + price[j], j);
+    return bt;
   };
   // The same for two persons in one pass over the objects (a warp each, first = 0, step = 32).
   auto scan_best_two_pair = [&](const Person<DIM, scalar_t>& pa, const Person<DIM, scalar_t>& pb, BestTwo& bta,
                                 BestTwo& btb) {
-    if constexpr (kFiltered) {
-      const float xs[2][3] = {{pa.c[0], pa.c[1], DIM > 2 ? pa.c[DIM - 1] : 0.f},
-                              {pb.c[0], pb.c[1], DIM > 2 ? pb.c[DIM - 1] : 0.f}};
-      BestTwo bt[2];
-      warp_filtered_scan<DIM, 2, false>(xs, rec, price, 0, 32, n, p, lane, bt);
-      bta = bt[0];
-      btb = bt[1];
-    } else {
-      bta = best_two_init();
-      btb = best_two_init();
-      for (int j = lane; j < n; j += 32) {
-        const double pj = price[j];
-        best_two_push(bta, pa.cost_to(y, j, d, p) + pj, j);
-        best_two_push(btb, pb.cost_to(y, j, d, p) + pj, j);
-      }
+    bta = best_two_init();
+    btb = best_two_init();
+    for (int j = lane; j < n; j += 32) {
+      const double pj = price[j];
+      best_two_push(bta, pa.cost_to(y, j, d, p) + pj, j);
+      best_two_push(btb, pb.cost_to(y, j, d, p) + pj, j);
     }
   };
   // Bid of bidder slot k (Jacobi: against the prices at the start of the round).
@@ -280,29 +311,41 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
     bid_val[k] = val;
     atomicMax(&best_bits[j], static_cast<unsigned long long>(__double_as_longlong(val)));
   };
-  auto scan_min_pair = [&](const Person<DIM, scalar_t>& pa, const Person<DIM, scalar_t>& pb, double& ma,
-                           double& mb) {
-    if constexpr (kFiltered) {
-      const float xs[2][3] = {{pa.c[0], pa.c[1], DIM > 2 ? pa.c[DIM - 1] : 0.f},
-                              {pb.c[0], pb.c[1], DIM > 2 ? pb.c[DIM - 1] : 0.f}};
-      BestTwo bt[2];
-      warp_filtered_scan<DIM, 2, true>(xs, rec, price, 0, 32, n, p, lane, bt);
-      ma = bt[0].w1;  // the minimum (best_two_push keeps it exactly as fmin would)
-      mb = bt[1].w1;
+  // The bid of bidder slot k (person cur[k]); a lone bidder (count == 1) wins outright, so it takes the object
+  // and evicts its holder without the auction bookkeeping.
+  auto bid_or_take = [&](int k, const BestTwo& bt, double eps_now, int count_now) {
+    if (count_now == 1) {
+      const int j = bid_target(bt), i = cur[k];
+      const double val = bid_price(bt, price[j], eps_now);
+      const int old = owner[j];
+      if (old >= 0) sigma[old] = -1, nxt[0] = old;
+      owner[j] = i;
+      sigma[i] = j;
+      set_price(j, val);
+      s_count = old >= 0 ? 1 : 0;
     } else {
-      ma = kInf;
-      mb = kInf;
-      for (int j = lane; j < n; j += 32) {
-        const double pj = price[j];
-        ma = fmin(ma, pa.cost_to(y, j, d, p) + pj);
-        mb = fmin(mb, pb.cost_to(y, j, d, p) + pj);
-      }
+      place_bid(k, bt, eps_now);
     }
   };
-
-  __shared__ BestTwo s_part[kWarps];
-  __shared__ double s_red[kWarps];
-  __shared__ int s_count, s_next;
+  // Lower bounds of the blocks' prices, taken again (pruned scans; between barriers, prices unchanged).
+  auto refresh_price_lo = [&] {
+    for (int b = warp; b < nblocks; b += kWarps) {
+      const int j = b * kBlockObjects + lane;
+      const unsigned key = j < n ? __float_as_uint(float_down(price[j])) : 0x7f800000u;  // prices >= 0
+      const unsigned lo = __reduce_min_sync(kFullMask, key);
+      if (lane == 0) price_lo[b] = __uint_as_float(lo);
+    }
+  };
+  auto scan_min_pair = [&](const Person<DIM, scalar_t>& pa, const Person<DIM, scalar_t>& pb, double& ma,
+                           double& mb) {
+    ma = kInf;
+    mb = kInf;
+    for (int j = lane; j < n; j += 32) {
+      const double pj = price[j];
+      ma = fmin(ma, pa.cost_to(y, j, d, p) + pj);
+      mb = fmin(mb, pb.cost_to(y, j, d, p) + pj);
+    }
+  };
 
   for (int j = tid; j < n; j += kBlock) {
     price[j] = 0.0;
@@ -312,6 +355,22 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
     best_bits[j] = 0ull;
     winner[j] = kNoIndex;
     cur[j] = j;
+  }
+  if constexpr (kFiltered) {  // block boxes from the records (a warp per block); price bounds start at 0
+    __syncthreads();
+    for (int b = warp; b < nblocks; b += kWarps) {
+      const int j = b * kBlockObjects + lane;
+      BlockBox bb;
+#pragma unroll
+      for (int k = 0; k < 3; ++k) {
+        float lo = j < n ? rec[j].y[k] : HUGE_VALF, hi = j < n ? rec[j].y[k] : -HUGE_VALF;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+          lo = fminf(lo, __shfl_xor_sync(kFullMask, lo, o)), hi = fmaxf(hi, __shfl_xor_sync(kFullMask, hi, o));
+        bb.lo[k] = lo, bb.hi[k] = hi;
+      }
+      if (lane == 0) box[b] = bb, price_lo[b] = 0.f;
+    }
   }
   double rx = 0.0, ry = 0.0;
   for (int i = tid; i < n; i += kBlock) {
@@ -336,9 +395,25 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
       const long long t_round = w.profile != nullptr ? clock64() : 0;
       const int prev_count = count;
       long long t_scanned = t_round, t_bid = t_round;  // profile: after the scans, after the bids (<= 32 bidders)
+      if constexpr (kFiltered) {
+        // Pruned scans: a warp per bidder (a scan visits a few blocks: one warp is enough for a lone bidder, and
+        // sharing it between warps measured slower, each warp then needing its own threshold).
+        if (rounds % kRefreshRounds == 0) {
+          refresh_price_lo();
+          __syncthreads();
+        }
+        for (int k = warp; k < count; k += kWarps) {
+          Person<DIM, scalar_t> me;
+          me.load(x, cur[k], d);
+          const BestTwo bt = warp_reduce_best_two(pruned_scan(me, std::false_type{}));
+          if (lane == 0) bid_or_take(k, bt, eps, count);
+        }
+        __syncthreads();
+        if (w.profile != nullptr) t_scanned = t_bid = clock64();
+      }
       // Many bidders: a warp scans for two persons at once (one record load serves both: the scan is bound by
       // shared-memory bandwidth) and places both bids itself. Few bidders: warps share a bidder (below).
-      for (int base = 0; count > kWarps && base < count; base += 2 * kWarps) {
+      for (int base = 0; !kFiltered && count > kWarps && base < count; base += 2 * kWarps) {
         const int k0 = base + 2 * warp, k1 = min(k0 + 1, count - 1);  // odd tail: k1 = k0, its result dropped
         if (k0 < count) {
           Person<DIM, scalar_t> pa, pb;
@@ -354,8 +429,8 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
           }
         }
       }
-      if (count > kWarps) __syncthreads();
-      for (int base = 0; count <= kWarps && base < count; base += kWarps) {
+      if (!kFiltered && count > kWarps) __syncthreads();
+      for (int base = 0; !kFiltered && count <= kWarps && base < count; base += kWarps) {
         const int nb = min(kWarps, count - base);
         const int wpb = kWarps / nb;  // warps per bidder: the whole block scans for a lone bidder
         const int k_local = warp / wpb, sub = warp - k_local * wpb;
@@ -371,20 +446,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
         if (warp < nb) {  // warp k merges the partials of bidder k
           BestTwo bt = lane < wpb ? s_part[warp * wpb + lane] : best_two_init();
           if (wpb > 1) bt = warp_reduce_best_two(bt);
-          if (lane == 0) {
-            const int j = bid_target(bt), i = cur[base + warp];
-            const double val = bid_price(bt, price[j], eps);
-            if (count == 1) {  // a lone bidder wins outright: no auction bookkeeping needed
-              const int old = owner[j];
-              if (old >= 0) sigma[old] = -1, nxt[0] = old;
-              owner[j] = i;
-              sigma[i] = j;
-              set_price(j, val);
-              s_count = old >= 0 ? 1 : 0;
-            } else {
-              place_bid(base + warp, bt, eps);
-            }
-          }
+          if (lane == 0) bid_or_take(base + warp, bt, eps, count);
         }
         __syncthreads();
         if (w.profile != nullptr) t_bid = clock64();
@@ -445,9 +507,27 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
       status = kMaxIter;
       __syncthreads();
     }
-    // ---- certificate: a warp per two rows ----
+    // ---- certificate: a warp per row (pruned scans) or per two rows ----
     double loc_primal = 0.0, loc_gap = 0.0;
-    for (int i0 = 2 * warp; i0 < n; i0 += 2 * kWarps) {
+    auto add_row = [&](int i, double m, double ci) {  // lane 0
+      const int j = sigma[i];
+      const double s = fmax(0.0, ci + price[j] - m);
+      row_min[i] = m;
+      slack[i] = s;
+      loc_primal += ci;
+      loc_gap += s;
+    };
+    if constexpr (kFiltered) {
+      refresh_price_lo();
+      __syncthreads();
+      for (int i = warp; i < n; i += kWarps) {
+        Person<DIM, scalar_t> me;
+        me.load(x, i, d);
+        const double m = warp_min(pruned_scan(me, std::true_type{}).w1);
+        if (lane == 0) add_row(i, m, me.cost_to(y, sigma[i], d, p));
+      }
+    }
+    for (int i0 = 2 * warp; !kFiltered && i0 < n; i0 += 2 * kWarps) {  // plain scans: a warp per two rows
       const int i1 = min(i0 + 1, n - 1);  // odd n: the last warp repeats its row, counted once
       Person<DIM, scalar_t> pa, pb;
       pa.load(x, i0, d);
@@ -459,14 +539,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
       if (lane == 0) {
         for (int r = 0; r < (i1 != i0 ? 2 : 1); ++r) {
           const int i = r == 0 ? i0 : i1;
-          const double m = r == 0 ? ma : mb;
-          const int j = sigma[i];
-          const double ci = (r == 0 ? pa : pb).cost_to(y, j, d, p);
-          const double s = fmax(0.0, ci + price[j] - m);
-          row_min[i] = m;
-          slack[i] = s;
-          loc_primal += ci;
-          loc_gap += s;
+          add_row(i, r == 0 ? ma : mb, (r == 0 ? pa : pb).cost_to(y, sigma[i], d, p));
         }
       }
     }
@@ -553,7 +626,12 @@ EmdOutputs emd_forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, cons
             std::get<4>(r).to(dev), std::get<5>(r).to(dev), std::get<6>(r).to(dev), std::get<7>(r).to(dev)};
   }
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  const at::Tensor x = x_in.contiguous();
+  // the assignment solver works on the objects in kd order (emd.h; restored at the end)
+  const bool reorder = assignment;
+  const at::Tensor order = reorder ? kd_leaf_order(y_in, kBlockObjects) : at::Tensor();
+  const at::Tensor y = reorder ? y_in.gather(1, order.unsqueeze(-1).expand({nb, n, x.size(2)})).contiguous()
+                              : y_in.contiguous();
   const auto f64 = x.options().dtype(at::kDouble), i32 = x.options().dtype(at::kInt);
   at::Tensor price = at::empty({nb, n}, f64), sigma = at::empty({nb, n}, i32), owner = at::empty({nb, n}, i32),
              best_bits = at::empty({nb, n}, x.options().dtype(at::kLong)), winner = at::empty({nb, n}, i32),
@@ -563,10 +641,15 @@ EmdOutputs emd_forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, cons
              rounds = at::empty({nb}, x.options().dtype(at::kLong));
   // 16-byte records (float inputs with d <= 3), 16-byte aligned: offsets are multiples of 16 bytes.
   const bool filtered = x.scalar_type() == at::kFloat && (x.size(2) == 2 || x.size(2) == 3);
+  const int64_t nblocks = filtered ? (n + kBlockObjects - 1) / kBlockObjects : 0;
   at::Tensor rec = at::empty({filtered ? nb * n * static_cast<int64_t>(sizeof(ObjectRecord)) : 0},
                              x.options().dtype(at::kByte));
+  at::Tensor box = at::empty({nb * nblocks * static_cast<int64_t>(sizeof(BlockBox))}, x.options().dtype(at::kByte));
+  at::Tensor price_lo = at::empty({nb * nblocks}, x.options().dtype(at::kFloat));
   AuctionWork w;
   w.rec = filtered ? reinterpret_cast<ObjectRecord*>(rec.data_ptr<uint8_t>()) : nullptr;
+  w.box = filtered ? reinterpret_cast<BlockBox*>(box.data_ptr<uint8_t>()) : nullptr;
+  w.price_lo = filtered ? price_lo.data_ptr<float>() : nullptr;
   w.price = price.data_ptr<double>();
   w.sigma = sigma.data_ptr<int>();
   w.owner = owner.data_ptr<int>();
@@ -612,7 +695,9 @@ EmdOutputs emd_forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, cons
   plan_index.narrow(1, 0, n).select(2, 1).copy_(sigma);
   plan_weight.narrow(1, 0, n).fill_(1.0 / static_cast<double>(n));
   const double inv_n = 1.0 / static_cast<double>(n);
-  return {primal * inv_n, plan_index, plan_weight, row_min, -price, status, gap * inv_n, rounds};
+  at::Tensor g = -price;
+  if (reorder) restore_object_order(order, plan_index, g);
+  return {primal * inv_n, plan_index, plan_weight, row_min, g, status, gap * inv_n, rounds};
 }
 
 }  // namespace flashavatar

@@ -108,6 +108,14 @@ inline void check_emd_args(const char* op, const at::Tensor& x, const at::Tensor
   }
 }
 
+// [B, n] int64 kd-tree order of the objects y [B, n, d]: runs of `leaf` consecutive objects are compact leaves
+// (object_order.cpp; tensor ops on y's device). The assignment solver works on the objects in this order on every
+// path (its pruned scans need it; the others follow, so ties between equal values break the same way on all).
+at::Tensor kd_leaf_order(const at::Tensor& y, int64_t leaf);
+// Map a solve on the reordered objects back: plan_index [B, K, 2] (assignment in the first n rows) in place, and
+// g [B, n] (replaced).
+void restore_object_order(const at::Tensor& order, at::Tensor& plan_index, at::Tensor& g);
+
 EmdOutputs emd_forward_cpu(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& a,
                            const c10::optional<at::Tensor>& b, int64_t p, double tol, int64_t max_iter);
 #ifdef WITH_CUDA

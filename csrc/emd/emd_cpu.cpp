@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -19,6 +20,39 @@ struct AuctionOut {
   int status = ot::kRunning;
   long long rounds = 0;
 };
+
+// The pruned scan of person xi (float inputs, d <= 3), serially: the block with the smallest bound first, then the
+// others in index order, each skipped when its bound reaches the filter threshold (auction.h). kMinOnly: only
+// the minimum is wanted (certificates; returned as w1), so the threshold follows it. Same results as a scan of
+// every object. (The CUDA kernel's warp_pruned_scan visits best first, the smallest bound left next, which
+// leaves fewer blocks to visit; the order changes no result.)
+template <int DIM, bool kMinOnly>
+ot::BestTwo pruned_scan_cpu(const float* xi, const ot::ObjectRecord* rec, const double* price,
+                            const ot::BlockBox* box, const float* price_lo, int n, int p) {
+  using namespace ot;
+  const int nblocks = (n + kBlockObjects - 1) / kBlockObjects;
+  BestTwo bt = best_two_init();
+  double m = kInf;
+  float thr = filter_threshold(HUGE_VALF);
+  int first = 0;
+  float first_lb = HUGE_VALF;
+  for (int b = 0; b < nblocks; ++b) {
+    const float lb = block_lower_bound<DIM>(xi, box[b], price_lo[b], p);
+    if (lb < first_lb) first_lb = lb, first = b;
+  }
+  auto visit = [&](int b) {
+    const int end = std::min(n, (b + 1) * kBlockObjects);
+    for (int j = b * kBlockObjects; j < end; ++j) {
+      if constexpr (kMinOnly) filtered_min<DIM>(m, thr, xi, rec[j], price, j, p);
+      else filtered_push<DIM>(bt, thr, xi, rec[j], price, j, p);
+    }
+  };
+  visit(first);
+  for (int b = 0; b < nblocks; ++b)
+    if (b != first && !block_skippable(block_lower_bound<DIM>(xi, box[b], price_lo[b], p), thr)) visit(b);
+  if constexpr (kMinOnly) bt.w1 = m;
+  return bt;
+}
 
 // One assignment problem, n persons (x) and n objects (y). sigma [n] out (person -> object), price [n] out,
 // row_min [n] out (f_i = min_j c_ij + p_j).
@@ -37,6 +71,19 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
   auto set_price = [&](int j, double v) {
     price[j] = v;
     if constexpr (kFiltered) rec[j].price = static_cast<float>(v);
+  };
+  // pruned scans: the objects come in kd order (emd_forward_cpu), so blocks of kBlockObjects are compact
+  const int nblocks = kFiltered ? (n + kBlockObjects - 1) / kBlockObjects : 0;
+  std::vector<BlockBox> box(nblocks);
+  std::vector<float> price_lo(nblocks, 0.f);  // lower bounds of the blocks' prices (prices start at 0)
+  for (int b = 0; b < nblocks; ++b)
+    box[b] = block_box(rec.data() + b * kBlockObjects, std::min(kBlockObjects, n - b * kBlockObjects));
+  auto refresh_price_bounds = [&] {
+    for (int b = 0; b < nblocks; ++b) {
+      double lo = kInf;
+      for (int j = b * kBlockObjects; j < std::min(n, (b + 1) * kBlockObjects); ++j) lo = std::min(lo, price[j]);
+      price_lo[b] = float_down(lo);
+    }
   };
   AuctionOut out;
   std::vector<int> owner(n, -1), cur, nxt, bid_obj(n), winner(n, kNoIndex);
@@ -57,13 +104,13 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
     while (!cur.empty() && out.rounds < max_iter) {
       ++out.rounds;
       const int count = static_cast<int>(cur.size());
+      if (kFiltered && out.rounds % kRefreshRounds == 0) refresh_price_bounds();
       for (int k = 0; k < count; ++k) {  // bids (against the prices at the start of the round: Jacobi)
         const int i = cur[k];
         BestTwo bt = best_two_init();
         if constexpr (kFiltered) {
-          const float* xi = x + static_cast<long>(i) * d;
-          float thr = filter_threshold(float_up(bt.w2));
-          for (int j = 0; j < n; ++j) filtered_push<DIM>(bt, thr, xi, rec[j], price, j, p);
+          bt = pruned_scan_cpu<DIM, false>(x + static_cast<long>(i) * d, rec.data(), price, box.data(),
+                                           price_lo.data(), n, p);
         } else {
           for (int j = 0; j < n; ++j) best_two_push(bt, cost(i, j) + price[j], j);
         }
@@ -101,12 +148,12 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
     }
     // ---- certificate ----
     double primal = 0.0, gap = 0.0;
+    if constexpr (kFiltered) refresh_price_bounds();
     for (int i = 0; i < n; ++i) {
       double m = kInf;
       if constexpr (kFiltered) {
-        const float* xi = x + static_cast<long>(i) * d;
-        float thr = filter_threshold(float_up(m));
-        for (int j = 0; j < n; ++j) filtered_min<DIM>(m, thr, xi, rec[j], price, j, p);
+        m = pruned_scan_cpu<DIM, true>(x + static_cast<long>(i) * d, rec.data(), price, box.data(), price_lo.data(),
+                                       n, p).w1;
       } else {
         for (int j = 0; j < n; ++j) m = std::min(m, cost(i, j) + price[j]);
       }
@@ -150,9 +197,13 @@ EmdOutputs emd_forward_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const
                            const c10::optional<at::Tensor>& b_in, int64_t p, double tol, int64_t max_iter) {
   const char* op = "flashavatar::emd_forward";
   check_emd_args(op, x_in, y_in, a_in, b_in, p, tol, max_iter);
-  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
-  const int64_t nb = x.size(0), n = x.size(1), m = y.size(1), d = x.size(2), k = n + m - 1;
+  const at::Tensor x = x_in.contiguous();
+  const int64_t nb = x.size(0), n = x.size(1), m = y_in.size(1), d = x.size(2), k = n + m - 1;
   const bool assignment = !a_in.has_value() && n == m;
+  // the assignment solver works on the objects in kd order (emd.h; restored below)
+  const bool reorder = assignment;
+  const at::Tensor order = reorder ? kd_leaf_order(y_in, ot::kBlockObjects) : at::Tensor();
+  const at::Tensor y = reorder ? y_in.gather(1, order.unsqueeze(-1).expand({nb, n, d})).contiguous() : y_in.contiguous();
   const auto f64 = x.options().dtype(at::kDouble);
   at::Tensor cost = at::zeros({nb}, f64), plan_index = at::zeros({nb, k, 2}, x.options().dtype(at::kLong)),
              plan_weight = at::zeros({nb, k}, f64), f = at::zeros({nb, n}, f64), g = at::zeros({nb, m}, f64),
@@ -210,6 +261,7 @@ EmdOutputs emd_forward_cpu(const at::Tensor& x_in, const at::Tensor& y_in, const
       }
     });
   });
+  if (reorder) restore_object_order(order, plan_index, g);
   return {cost, plan_index, plan_weight, f, g, status, gap, iterations};
 }
 

@@ -283,7 +283,10 @@ def emd(
           batch item in a single launch; on the CPU the same rounds serially. It stops when its duality
           certificate proves ``cost - OPT <= tol * cost`` (the primal-dual gap from the auction prices), so the
           relative error is at most ``tol`` in exact arithmetic. Costs are evaluated in the input precision and
-          summed in float64: float32 inputs limit the meaningful ``tol`` to about 1e-6.
+          summed in float64: float32 inputs limit the meaningful ``tol`` to about 1e-6. For float32 inputs with
+          d = 2 or 3 a bid does not scan every point of y: the points are put in kd-tree order, and a block of 32
+          whose bounding box and price bound prove it cannot hold the best or second best value is skipped
+          (a proof, so the results are those of the full scan; ties between equal values break by that order).
         * otherwise (weights, ``N != M``, ragged sets given as zero-weight padding): successive shortest paths
           on the transportation network, exact up to float64 rounding; CPU only (a CUDA input is solved on a
           host copy and the results copied back). Time O((N + M) N M) worst case, memory O(N M).
