@@ -4,17 +4,15 @@
 #   emd   build; the EMD tests (CPU and CUDA); the kernel's cycle split at B = 1 (FLASHAVATAR_EMD_PROFILE=1, the
 #         benchmark's points); bench_emd.py (N = 1024-8192, B = 1/8/16, POT up to 4,096, geomloss)
 #   all   build; the whole test suite
-#   final build; the cycle split and bench_emd.py as in `emd` (first, alone on the GPU), then the whole test suite
+#   final build; the EMD tests, the cycle split and bench_emd.py as in `emd`, then the whole test suite
 set -o pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_setup.sh  # OUT, WORK, environment, peer wheels, `el`, build
 MODE=${1:-emd}
-if [ "$MODE" = emd ]; then
+if [ "$MODE" = emd ] || [ "$MODE" = final ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_emd_cuda.py tests/test_emd.py \
     >"$OUT/pytest_emd.log" 2>&1
   el "pytest emd rc=$?"; tail -1 "$OUT/pytest_emd.log"; grep -E "^(FAILED|ERROR)|Error" "$OUT/pytest_emd.log" | head -8
-fi
-if [ "$MODE" = emd ] || [ "$MODE" = final ]; then
   FLASHAVATAR_EMD_PROFILE=1 timeout 90 python3 - >"$OUT/emd_profile.log" 2>&1 <<'PY'
 import sys, torch
 sys.path.insert(0, "benchmarks")
@@ -37,6 +35,6 @@ PY
   el "bench rc=$?"; grep -v "^\[" "$OUT/emd_h200.log" | tail -24
 fi
 if [ "$MODE" = all ] || [ "$MODE" = final ]; then
-  timeout 380 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests >"$OUT/pytest_all.log" 2>&1
+  timeout ${TEST_TIMEOUT:-380} python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests >"$OUT/pytest_all.log" 2>&1
   el "pytest rc=$?"; tail -2 "$OUT/pytest_all.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_all.log" | head
 fi
