@@ -5,6 +5,8 @@
 #         benchmark's points); bench_emd.py (N = 1024-8192, B = 1/8/16, POT up to 4,096, geomloss)
 #   all   build; the whole test suite
 #   final build; the EMD tests, the cycle split and bench_emd.py as in `emd`, then the whole test suite
+#   eps   after kEpsFactor 5 -> 7 (auction.h): build; the CUDA EMD tests; bench_emd.py at N = 2048 / 4096,
+#         B = 1 / 16 (a short call: the session's device time was nearly spent)
 set -o pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_setup.sh  # OUT, WORK, environment, peer wheels, `el`, build
@@ -33,6 +35,13 @@ PY
   el "profile rc=$?"; cat "$OUT/emd_profile.log" | cut -c1-400
   timeout 300 python3 benchmarks/bench_emd.py --budget-s 150 --out "$OUT/emd_h200.json" >"$OUT/emd_h200.log" 2>&1
   el "bench rc=$?"; grep -v "^\[" "$OUT/emd_h200.log" | tail -24
+fi
+if [ "$MODE" = eps ]; then
+  timeout 70 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_emd_cuda.py >"$OUT/pytest_emd_cuda.log" 2>&1
+  el "pytest emd cuda rc=$?"; tail -1 "$OUT/pytest_emd_cuda.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_emd_cuda.log" | head -8
+  timeout 80 python3 benchmarks/bench_emd.py --sizes 2048 4096 --batches 1 16 --budget-s 40 \
+    --out "$OUT/emd_h200_eps7.json" >"$OUT/emd_h200_eps7.log" 2>&1
+  el "bench rc=$?"; grep -E "^ *[0-9]+ +[0-9]+ \|" "$OUT/emd_h200_eps7.log"
 fi
 if [ "$MODE" = all ] || [ "$MODE" = final ]; then
   timeout ${TEST_TIMEOUT:-380} python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests >"$OUT/pytest_all.log" 2>&1
