@@ -102,7 +102,14 @@ def test_pruned_scans_change_nothing_at_larger_n(kind, d, p, n):
     assert torch.equal(pruned.assignment, plain.assignment)
     assert torch.equal(pruned.iterations, plain.iterations)
     assert torch.equal(pruned.cost, plain.cost) and torch.equal(pruned.gap, plain.gap)
-    assert torch.equal(pruned.g, plain.g)  # potentials back in the caller's object order
+    assert torch.equal(pruned.g, plain.g)
+    # both solved on the objects in kd order: the potentials must be back in the caller's order, dual feasible
+    # and tight on the assignment
+    cost = pairwise_dist(x[0].double(), y[0].double()) ** p  # [n, n]
+    slack = cost - pruned.f[0][:, None] - pruned.g[0][None, :]
+    scale = cost.max().item()
+    assert slack.min().item() >= -1e-6 * scale
+    assert slack[torch.arange(n), pruned.assignment[0]].abs().max().item() <= 1e-6 * scale
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-20, 3e18])

@@ -24,10 +24,9 @@
 namespace flashavatar {
 namespace ot {
 
-// eps reduction per phase (Bertsekas suggests 4-10). With the pruned scans a round's cost is mostly fixed, so
-// fewer rounds pay: on the CPU twin (same rounds as the kernel; N = 4096, five point sets) 7 took 17 % fewer
-// modelled cycles than 5 on average (6, 8: 3 %, 11 % fewer; 10: more), and at most as many for N = 1024-8192.
-constexpr double kEpsFactor = 7.0;
+// eps reduction per phase (Bertsekas suggests 4-10). 7 instead of 5, with the pruned scans, on the H200: N = 4096
+// 2 % / 15 % faster (B = 1 / 16) but N = 2048 13 % / 11 % slower (benchmarks/results/emd_h200.md), so 5 stays.
+constexpr double kEpsFactor = 5.0;
 // initial eps as a fraction of the cost bound: measured on an H100 (N=4096 B=1, N=2048 B=16, d=3), 0.002 took
 // 20-30 % less time than 0.25 or 0.01: the early, coarse phases only reshuffle what later phases redo
 constexpr double kInitDiv = 0.002;
