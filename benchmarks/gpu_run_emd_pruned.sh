@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Device calls of the sixth session (2026-12-03): the pruned auction scans of emd (csrc/emd: objects in kd order,
-# blocks of 32 skipped on a lower bound). From the repository root; logs to $OUT. Carry .whl (POT, geomloss).
+# blocks of 32 skipped on a lower bound); `final` again in the seventh (lone-bidder eviction chains, small rounds
+# settled in one warp). From the repository root; logs to $OUT. Carry .whl (POT, geomloss).
 #   emd   build; the EMD tests (CPU and CUDA); the kernel's cycle split at B = 1 (FLASHAVATAR_EMD_PROFILE=1, the
 #         benchmark's points); bench_emd.py (N = 1024-8192, B = 1/8/16, POT up to 4,096, geomloss)
 #   all   build; the whole test suite

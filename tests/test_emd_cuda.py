@@ -144,6 +144,23 @@ def test_emd_cuda_max_iter():
     assert torch.equal(res.assignment[0].cpu().sort().values, torch.arange(64))
 
 
+def test_emd_cuda_max_iter_stops_eviction_chains():
+    # float32, d = 3: one-bidder rounds run as eviction chains inside one warp, several rounds per pass of the
+    # round loop; a chain must stop at max_iter exactly, and the assignment is completed from the free objects.
+    gen = torch.Generator().manual_seed(11)
+    x = torch.rand(1, 300, 3, generator=gen)
+    y = torch.rand(1, 300, 3, generator=gen)
+    full = ops.emd(x.cuda(), y.cuda(), tol=1e-6, return_info=True)
+    total = int(full.iterations.item())
+    assert full.converged.all() and total > 100
+    for k in sorted({1, 2, total // 3, total // 2, 3 * total // 4}):
+        with pytest.warns(RuntimeWarning):
+            res = ops.emd(x.cuda(), y.cuda(), tol=1e-6, max_iter=k, return_assignment=True)
+        assert not res.converged.any() and res.iterations.item() == k
+        assert torch.equal(res.assignment[0].cpu().sort().values, torch.arange(300))
+        assert res.cost.item() >= full.cost.item() * (1 - 1e-6)
+
+
 def test_emd_cuda_transport_fallback_and_opcheck():
     gen, x, y = _pair()
     # N != M with weights: solved on a host copy, results on the GPU

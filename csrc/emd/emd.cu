@@ -5,16 +5,18 @@
 //
 // A round inside the block: the unassigned persons are split over the 32 warps (two persons per warp when more
 // than 32 bid, several warps per person when few are left, so the tail of a phase still uses the whole block);
-// each warp scans the objects for (best, second best) and reduces with shuffles; bids go to objects with a
-// 64-bit atomicMax on the bit pattern of the (positive) double bid, ties to the smaller person with atomicMin;
-// the winners take the objects and the evicted persons form the next round's list. A round with a single bidder
-// (most rounds at the end of a phase: chains of evictions) skips the auction bookkeeping. Prices, bids, owners
+// each warp scans the objects for (best, second best) and reduces with shuffles. With more than 32 bidders, bids
+// go to objects with a 64-bit atomicMax on the bit pattern of the (positive) double bid, ties to the smaller
+// person with atomicMin; the winners take the objects and the evicted persons form the next round's list. Most
+// rounds have few bidders (the end of each phase), and their latency sets the solve time: 2..32 bids are settled
+// by warp 0 in registers (settle_small_round), and a lone bidder takes its object outright; with the pruned
+// scans warp 0 then follows the chain of evictions itself, with no block barrier per round. Prices, bids, owners
 // and the bidder lists live in shared memory when they fit (carved greedily, most used first).
 // float inputs with d <= 3 take the pruned scans of auction.h: the objects come in kd order, blocks of 32 with a
 // bounding box and a price bound are skipped whole when the bound proves they lose, and the objects of the
 // blocks visited go through the float32 pre-filter, touching float64 only for the few it cannot rule out (same
 // results as the plain scan over every object). Other inputs scan every object in float64.
-// FLASHAVATAR_EMD_PROFILE=1 prints the kernel's cycles per kind of round (benchmarks/results/emd_h100.md).
+// FLASHAVATAR_EMD_PROFILE=1 prints the kernel's cycles per kind of round (benchmarks/results/emd_h200.md).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -135,14 +137,13 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ unsigned key_up(double w) { return __float_as_uint(float_up(w)); }
 
-// A float key >= the second smallest value held by the lanes (w1 and w2 of each): non-negative floats order
-// like their bit patterns.
+// A float key >= the second smallest value held by the lanes (w1 and w2 of each; non-negative floats order like
+// their bit patterns), in two dependent reductions: with one lane at the least w1 key m1, the second smallest is
+// the least of that lane's w2 and the other lanes' w1; with several lanes at m1 it is m1 and the result is >= m1
+// (looser, still a valid threshold).
 __device__ __forceinline__ unsigned warp_second_key(const BestTwo& bt) {
   const unsigned k1 = key_up(bt.w1), m1 = __reduce_min_sync(kFullMask, k1);
-  const unsigned m2 = __popc(__ballot_sync(kFullMask, k1 == m1)) > 1
-                          ? m1
-                          : __reduce_min_sync(kFullMask, k1 == m1 ? 0xffffffffu : k1);
-  return min(m2, __reduce_min_sync(kFullMask, key_up(bt.w2)));
+  return __reduce_min_sync(kFullMask, k1 == m1 ? key_up(bt.w2) : k1);
 }
 
 // Warp-cooperative pruned scan (auction.h, "pruned scans") of person xs, best first: lane l keeps the lower
@@ -269,16 +270,19 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
   // [n] highest bid of the round per object (bits of a positive double), smallest person among those bids
   unsigned long long* best_bits = carve.take(n, w.best_bits + off);
   int* winner = carve.take(n, w.winner + off);
-  int* bid_obj = carve.take(n, w.bid_obj + off);     // [n] per bidder slot (rounds with several bidders)
-  double* bid_val = carve.take(n, w.bid_val + off);  // [n]
+  int* bid_obj_all = carve.take(n, w.bid_obj + off);     // [n] per bidder slot (rounds of > kWarps bidders)
+  double* bid_val_all = carve.take(n, w.bid_val + off);  // [n]
   __shared__ BestTwo s_part[kWarps];
   __shared__ double s_red[kWarps];
+  // Bids of rounds with 2..kWarps bidders, settled by warp 0 in registers (bid_val_all may be in global memory).
+  __shared__ double s_bid_val[kWarps];
+  __shared__ int s_bid_obj[kWarps];
   __shared__ int s_count, s_next;
+  __shared__ long long s_chain_rounds;
   auto set_price = [&](int j, double v) {
     price[j] = v;
     if constexpr (kFiltered) rec[j].price = static_cast<float>(v);
   };
-  // Best two of c_ij + p_j over j = first + lane, first + lane + step, ... for person `me` (first warp-uniform).
   // Pruned scans (float, d <= 3): best two (bids) or minimum (certificates, in w1) of person `me` (partial per
   // lane).
   auto pruned_scan = [&](const Person<DIM, scalar_t>& me, auto min_only) {
@@ -303,29 +307,65 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
       best_two_push(btb, pb.cost_to(y, j, d, p) + pj, j);
     }
   };
-  // Bid of bidder slot k (Jacobi: against the prices at the start of the round).
-  auto place_bid = [&](int k, const BestTwo& bt, double eps_now) {
+  // Bid of bidder slot k (Jacobi: against the prices at the start of the round). Rounds of more than kWarps
+  // bidders settle through atomics on the objects; smaller ones in settle_small_round.
+  auto place_bid = [&](int k, const BestTwo& bt, double eps_now, int count_now) {
     const int j = bid_target(bt);
     const double val = bid_price(bt, price[j], eps_now);
-    bid_obj[k] = j;
-    bid_val[k] = val;
-    atomicMax(&best_bits[j], static_cast<unsigned long long>(__double_as_longlong(val)));
+    if (count_now <= kWarps) {
+      s_bid_obj[k] = j;
+      s_bid_val[k] = val;
+    } else {
+      bid_obj_all[k] = j;
+      bid_val_all[k] = val;
+      atomicMax(&best_bits[j], static_cast<unsigned long long>(__double_as_longlong(val)));
+    }
   };
-  // The bid of bidder slot k (person cur[k]); a lone bidder (count == 1) wins outright, so it takes the object
-  // and evicts its holder without the auction bookkeeping.
+  // The person a lone bidder i evicts: it wins outright (object j at price val), no auction bookkeeping.
+  auto take = [&](int i, int j, double val) {
+    const int old = owner[j];
+    if (old >= 0) sigma[old] = -1;
+    owner[j] = i;
+    sigma[i] = j;
+    set_price(j, val);
+    return old;
+  };
+  // The bid of bidder slot k (person cur[k]); a lone bidder (count == 1) takes its object.
   auto bid_or_take = [&](int k, const BestTwo& bt, double eps_now, int count_now) {
     if (count_now == 1) {
-      const int j = bid_target(bt), i = cur[k];
-      const double val = bid_price(bt, price[j], eps_now);
-      const int old = owner[j];
-      if (old >= 0) sigma[old] = -1, nxt[0] = old;
-      owner[j] = i;
-      sigma[i] = j;
-      set_price(j, val);
+      const int j = bid_target(bt);
+      const int old = take(cur[k], j, bid_price(bt, price[j], eps_now));
+      if (old >= 0) nxt[0] = old;
       s_count = old >= 0 ? 1 : 0;
     } else {
-      place_bid(k, bt, eps_now);
+      place_bid(k, bt, eps_now, count_now);
     }
+  };
+  // Warp 0 settles a round of 2..kWarps bids in registers (lane k: bid k): bids on one object meet in a
+  // __match_any_sync group, the highest wins and ties go to the smallest person, as the atomics of larger rounds
+  // decide. Losers and evicted persons make the next list. No per-object state, no block barriers.
+  auto settle_small_round = [&](int count_now) {
+    const bool active = lane < count_now;
+    const int j = active ? s_bid_obj[lane] : -1 - lane;  // idle lanes: groups of their own
+    const double v = active ? s_bid_val[lane] : 0.0;
+    const int i = active ? cur[lane] : 0;
+    const unsigned group = __match_any_sync(kFullMask, j);
+    bool wins = active;
+    if (active && __popc(group) > 1) {  // the group's lanes run this loop together
+      for (unsigned m = group; m != 0u; m &= m - 1u) {
+        const int src = __ffs(m) - 1;
+        const double vo = __shfl_sync(group, v, src);
+        const int io = __shfl_sync(group, i, src);
+        if (vo > v || (vo == v && io < i)) wins = false;
+      }
+    }
+    const int old = wins ? take(i, j, v) : -1;
+    const unsigned losers = __ballot_sync(kFullMask, active && !wins);
+    const unsigned evicted = __ballot_sync(kFullMask, old >= 0);
+    const unsigned below = (1u << lane) - 1u;
+    if (active && !wins) nxt[__popc(losers & below)] = i;
+    if (old >= 0) nxt[__popc(losers) + __popc(evicted & below)] = old;
+    if (lane == 0) s_count = __popc(losers) + __popc(evicted);
   };
   // Lower bounds of the blocks' prices, taken again (pruned scans; between barriers, prices unchanged).
   auto refresh_price_lo = [&] {
@@ -383,7 +423,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
   double eps = initial_eps(cmax, w.init_frac);
   if (tid == 0) s_count = n, s_next = 0;
   __syncthreads();
-  long long rounds = 0;
+  long long rounds = 0, refreshed_at = 0;
   long long prof[kProfSlots] = {};  // thread 0's: cycles of 1-, 2..32-, >32-bidder rounds, certificates; counts
   int status = kRunning;
   double primal = 0.0, gap = 0.0;
@@ -394,21 +434,57 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
       ++rounds;
       const long long t_round = w.profile != nullptr ? clock64() : 0;
       const int prev_count = count;
+      long long round_rounds = 1;  // rounds this pass stands for (an eviction chain: several)
       long long t_scanned = t_round, t_bid = t_round;  // profile: after the scans, after the bids (<= 32 bidders)
       if constexpr (kFiltered) {
         // Pruned scans: a warp per bidder (a scan visits a few blocks: one warp is enough for a lone bidder, and
         // sharing it between warps measured slower, each warp then needing its own threshold).
-        if (rounds % kRefreshRounds == 0) {
+        if (rounds - refreshed_at >= kRefreshRounds) {
           refresh_price_lo();
           __syncthreads();
+          refreshed_at = rounds;
         }
-        for (int k = warp; k < count; k += kWarps) {
-          Person<DIM, scalar_t> me;
-          me.load(x, cur[k], d);
-          const BestTwo bt = warp_reduce_best_two(pruned_scan(me, std::false_type{}));
-          if (lane == 0) bid_or_take(k, bt, eps, count);
+        if (count == 1) {
+          // A lone bidder wins outright and the person it evicts is the next round's lone bidder: warp 0 follows
+          // the eviction chain to its end (a free object taken) with no block barrier between its rounds. Same
+          // bids in the same order as round by round.
+          if (warp == 0) {
+            int i = cur[0], old = -1;
+            long long chain = 0;
+            do {
+              Person<DIM, scalar_t> me;
+              me.load(x, i, d);
+              const BestTwo bt = warp_reduce_best_two(pruned_scan(me, std::false_type{}));
+              const int j = __shfl_sync(kFullMask, bid_target(bt), 0);  // lane 0's, for the whole warp
+              ++chain;
+              if (lane == 0) old = take(i, j, bid_price(bt, price[j], eps));
+              old = __shfl_sync(kFullMask, old, 0);
+              __syncwarp();  // the new price is seen by the lanes: the block's price bound taken again
+              const int b = j / kBlockObjects, jb = b * kBlockObjects + lane;
+              const unsigned lo = __reduce_min_sync(
+                  kFullMask, jb < n ? __float_as_uint(float_down(price[jb])) : 0x7f800000u);  // prices >= 0
+              if (lane == 0) price_lo[b] = __uint_as_float(lo);
+              __syncwarp();
+              i = old;
+            } while (old >= 0 && rounds - 1 + chain < max_iter);
+            if (lane == 0) {
+              nxt[0] = old;
+              s_count = old >= 0 ? 1 : 0;
+              s_chain_rounds = chain;
+            }
+          }
+          __syncthreads();
+          round_rounds = s_chain_rounds;
+          rounds += round_rounds - 1;
+        } else {
+          for (int k = warp; k < count; k += kWarps) {
+            Person<DIM, scalar_t> me;
+            me.load(x, cur[k], d);
+            const BestTwo bt = warp_reduce_best_two(pruned_scan(me, std::false_type{}));
+            if (lane == 0) place_bid(k, bt, eps, count);
+          }
+          __syncthreads();
         }
-        __syncthreads();
         if (w.profile != nullptr) t_scanned = t_bid = clock64();
       }
       // Many bidders: a warp scans for two persons at once (one record load serves both: the scan is bound by
@@ -424,58 +500,54 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
           bta = warp_reduce_best_two(bta);
           btb = warp_reduce_best_two(btb);
           if (lane == 0) {
-            place_bid(k0, bta, eps);
-            if (k1 != k0) place_bid(k1, btb, eps);
+            place_bid(k0, bta, eps, count);
+            if (k1 != k0) place_bid(k1, btb, eps, count);
           }
         }
       }
       if (!kFiltered && count > kWarps) __syncthreads();
-      for (int base = 0; !kFiltered && count <= kWarps && base < count; base += kWarps) {
-        const int nb = min(kWarps, count - base);
-        const int wpb = kWarps / nb;  // warps per bidder: the whole block scans for a lone bidder
+      if (!kFiltered && count <= kWarps) {
+        const int wpb = kWarps / count;  // warps per bidder: the whole block scans for a lone bidder
         const int k_local = warp / wpb, sub = warp - k_local * wpb;
-        if (k_local < nb) {
+        if (k_local < count) {
           Person<DIM, scalar_t> me;
-          me.load(x, cur[base + k_local], d);
+          me.load(x, cur[k_local], d);
           BestTwo bt = scan_best_two(me, sub * 32, wpb * 32);
           bt = warp_reduce_best_two(bt);
           if (lane == 0) s_part[warp] = bt;
         }
         __syncthreads();
         if (w.profile != nullptr) t_scanned = clock64();
-        if (warp < nb) {  // warp k merges the partials of bidder k
+        if (warp < count) {  // warp k merges the partials of bidder k
           BestTwo bt = lane < wpb ? s_part[warp * wpb + lane] : best_two_init();
           if (wpb > 1) bt = warp_reduce_best_two(bt);
-          if (lane == 0) bid_or_take(base + warp, bt, eps, count);
+          if (lane == 0) bid_or_take(warp, bt, eps, count);
         }
         __syncthreads();
         if (w.profile != nullptr) t_bid = clock64();
       }
-      if (count > 1) {
+      if (count > 1 && count <= kWarps) {
+        if (warp == 0) settle_small_round(count);
+        __syncthreads();
+      } else if (count > kWarps) {
         for (int k = tid; k < count; k += kBlock) {
-          const int j = bid_obj[k];
-          if (static_cast<unsigned long long>(__double_as_longlong(bid_val[k])) == best_bits[j])
+          const int j = bid_obj_all[k];
+          if (static_cast<unsigned long long>(__double_as_longlong(bid_val_all[k])) == best_bits[j])
             atomicMin(&winner[j], cur[k]);
         }
         __syncthreads();
         for (int k = tid; k < count; k += kBlock) {
-          const int j = bid_obj[k], i = cur[k];
+          const int j = bid_obj_all[k], i = cur[k];
           if (winner[j] == i) {
-            const int old = owner[j];
-            if (old >= 0) {
-              sigma[old] = -1;
-              nxt[atomicAdd(&s_next, 1)] = old;
-            }
-            owner[j] = i;
-            sigma[i] = j;
-            set_price(j, bid_val[k]);
+            const int old = take(i, j, bid_val_all[k]);
+            if (old >= 0) nxt[atomicAdd(&s_next, 1)] = old;
           } else {
             nxt[atomicAdd(&s_next, 1)] = i;
           }
         }
         __syncthreads();
         for (int k = tid; k < count; k += kBlock) {
-          const int j = bid_obj[k];
+          const int j = bid_obj_all[k];
           best_bits[j] = 0ull;
           winner[j] = kNoIndex;
         }
@@ -485,7 +557,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
       if (w.profile != nullptr && tid == 0) {
         const int kind = prev_count == 1 ? 0 : (prev_count <= kWarps ? 1 : 2);
         prof[kind] += clock64() - t_round;
-        prof[4 + kind] += 1;
+        prof[4 + kind] += round_rounds;
         if (kind < 2) prof[8 + kind] += t_scanned - t_round, prof[10 + kind] += t_bid - t_scanned;
       }
       count = s_count;
@@ -585,7 +657,7 @@ void launch_auction_dim(const scalar_t* xp, const scalar_t* yp, int nb, int n, i
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   constexpr bool kFiltered = std::is_same_v<scalar_t, float> && (DIM == 2 || DIM == 3);
-  const size_t static_bytes = 2048;  // s_part, s_red, counters (upper bound)
+  const size_t static_bytes = 2048;  // s_part, s_red, small-round bids, counters (upper bound)
   const size_t avail = max_optin > static_cast<int>(static_bytes) ? max_optin - static_bytes : 0;
   const size_t bytes = std::min(avail, carved_bytes<kFiltered>(n));
   auto kernel = auction_kernel<DIM, scalar_t>;
