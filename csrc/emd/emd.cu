@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
       atomicMax(&best_bits[j], static_cast<unsigned long long>(__double_as_longlong(val)));
     }
   };
-  // The person a lone bidder i evicts: it wins outright (object j at price val), no auction bookkeeping.
+  // Person i takes object j at price val; returns the person it evicts (-1: the object was free).
   auto take = [&](int i, int j, double val) {
     const int old = owner[j];
     if (old >= 0) sigma[old] = -1;
