@@ -25,10 +25,10 @@ struct AuctionOut {
 // others in index order, each skipped when its bound reaches the filter threshold (auction.h). kMinOnly: only
 // the minimum is wanted (certificates; returned as w1), so the threshold follows it. Same results as a scan of
 // every object. (The CUDA kernel's warp_pruned_scan visits best first, the smallest bound left next, which
-// leaves fewer blocks to visit; the order changes no result.)
+// leaves fewer blocks to visit; the order changes no result.) lb: [nblocks] scratch for the blocks' bounds.
 template <int DIM, bool kMinOnly>
 ot::BestTwo pruned_scan_cpu(const float* xi, const ot::ObjectRecord* rec, const double* price,
-                            const ot::BlockBox* box, const float* price_lo, int n, int p) {
+                            const ot::BlockBox* box, const float* price_lo, int n, int p, float* lb) {
   using namespace ot;
   const int nblocks = (n + kBlockObjects - 1) / kBlockObjects;
   BestTwo bt = best_two_init();
@@ -37,8 +37,8 @@ ot::BestTwo pruned_scan_cpu(const float* xi, const ot::ObjectRecord* rec, const 
   int first = 0;
   float first_lb = HUGE_VALF;
   for (int b = 0; b < nblocks; ++b) {
-    const float lb = block_lower_bound<DIM>(xi, box[b], price_lo[b], p);
-    if (lb < first_lb) first_lb = lb, first = b;
+    lb[b] = block_lower_bound<DIM>(xi, box[b], price_lo[b], p);
+    if (lb[b] < first_lb) first_lb = lb[b], first = b;
   }
   auto visit = [&](int b) {
     const int end = std::min(n, (b + 1) * kBlockObjects);
@@ -49,7 +49,7 @@ ot::BestTwo pruned_scan_cpu(const float* xi, const ot::ObjectRecord* rec, const 
   };
   visit(first);
   for (int b = 0; b < nblocks; ++b)
-    if (b != first && !block_skippable(block_lower_bound<DIM>(xi, box[b], price_lo[b], p), thr)) visit(b);
+    if (b != first && !block_skippable(lb[b], thr)) visit(b);
   if constexpr (kMinOnly) bt.w1 = m;
   return bt;
 }
@@ -76,6 +76,7 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
   const int nblocks = kFiltered ? (n + kBlockObjects - 1) / kBlockObjects : 0;
   std::vector<BlockBox> box(nblocks);
   std::vector<float> price_lo(nblocks, 0.f);  // lower bounds of the blocks' prices (prices start at 0)
+  std::vector<float> bound(nblocks);          // one scan's block bounds (pruned_scan_cpu's scratch)
   for (int b = 0; b < nblocks; ++b)
     box[b] = block_box(rec.data() + b * kBlockObjects, std::min(kBlockObjects, n - b * kBlockObjects));
   auto refresh_price_bounds = [&] {
@@ -110,7 +111,7 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
         BestTwo bt = best_two_init();
         if constexpr (kFiltered) {
           bt = pruned_scan_cpu<DIM, false>(x + static_cast<long>(i) * d, rec.data(), price, box.data(),
-                                           price_lo.data(), n, p);
+                                           price_lo.data(), n, p, bound.data());
         } else {
           for (int j = 0; j < n; ++j) best_two_push(bt, cost(i, j) + price[j], j);
         }
@@ -153,7 +154,7 @@ AuctionOut auction_solve_cpu(const scalar_t* x, const scalar_t* y, int n, int d,
       double m = kInf;
       if constexpr (kFiltered) {
         m = pruned_scan_cpu<DIM, true>(x + static_cast<long>(i) * d, rec.data(), price, box.data(), price_lo.data(),
-                                       n, p).w1;
+                                       n, p, bound.data()).w1;
       } else {
         for (int j = 0; j < n; ++j) m = std::min(m, cost(i, j) + price[j]);
       }
