@@ -18,6 +18,7 @@
 // ---- end assembly headers ----
 #include "ssim/ssim.h"
 #include "mlp/fused_mlp.h"
+#include "mlp/mlp_layers.h"
 
 TORCH_LIBRARY(flashavatar, m) {
   // ---- rasterizer schemas ----
@@ -64,6 +65,9 @@ TORCH_LIBRARY(flashavatar, m) {
   m.def("ssim_fwd(Tensor pred, Tensor gt, float sigma, bool keep_moments) -> (Tensor, Tensor)");
   // Shapes: csrc/mlp/fused_mlp.h. Inference only (no backward).
   m.def("fused_mlp(Tensor h_pe, Tensor cond, Tensor w_hidden, Tensor b_hidden, Tensor w_out, Tensor b_out) -> Tensor");
+  // Shapes: csrc/mlp/mlp_layers.h. The Animator's first and last MLP layers; inference only (no backward).
+  m.def("mlp_input(Tensor h_pe, Tensor cond) -> Tensor");
+  m.def("mlp_head(Tensor h, Tensor w, Tensor b, bool apply_tanh) -> Tensor");
   m.def("ssim_bwd(Tensor grad_map, Tensor pred, Tensor gt, Tensor moments, float sigma, bool need_pred, "
         "bool need_gt) -> (Tensor, Tensor)");
 }
@@ -86,6 +90,8 @@ TORCH_LIBRARY_IMPL(flashavatar, CPU, m) {
   // ---- end assembly CPU ----
   m.impl("ssim_fwd", &flashavatar::ssim_fwd_cpu);
   m.impl("fused_mlp", &flashavatar::fused_mlp_cpu);
+  m.impl("mlp_input", &flashavatar::mlp_input_cpu);
+  m.impl("mlp_head", &flashavatar::mlp_head_cpu);
   m.impl("ssim_bwd", &flashavatar::ssim_bwd_cpu);
 }
 
@@ -108,6 +114,8 @@ TORCH_LIBRARY_IMPL(flashavatar, CUDA, m) {
   // ---- end assembly CUDA ----
   m.impl("ssim_fwd", &flashavatar::ssim_fwd_cuda);
   m.impl("fused_mlp", &flashavatar::fused_mlp_cuda);
+  m.impl("mlp_input", &flashavatar::mlp_input_cuda);
+  m.impl("mlp_head", &flashavatar::mlp_head_cuda);
   m.impl("ssim_bwd", &flashavatar::ssim_bwd_cuda);
 }
 #endif

@@ -243,8 +243,8 @@ class Animator:
             the CPU; smaller = activations that stay in cache, larger = fewer and larger GEMMs).
         fused_mlp: the MLP as one kernel (``flashavatar.ops.fused_mlp``: activations kept on chip through the
             layers; bf16/fp16 on an sm_80+ GPU with 198 KB of shared memory per block, hidden width 256). Off by
-            default: on the H200 it runs level with the cuBLAS GEMMs (batch 64 of uv 128: 2.53 against 2.48 ms;
-            batch 1: 0.064 against 0.066 ms), see benchmarks/NOTES_end_to_end.md.
+            default: on the H200 the default path (``mlp_input`` + cuBLAS hidden GEMMs + ``mlp_head``) is faster
+            (batch 64 of uv 128: 1.71 against 2.57 ms), see benchmarks/NOTES_end_to_end.md.
 
     Per-frame methods (``B`` frames, ``N`` Gaussians, ``U`` used vertices, ``K`` SH coefficients)::
 
@@ -326,6 +326,16 @@ class Animator:
             if not big < 6e4:
                 raise ValueError(f"Animator: MLP values up to {big:.3g} overflow float16; use mlp_dtype='bf16'")
         self._mm_out_dtype = dt != f32 and self.device.type == "cuda" and _has_mm_out_dtype(self.device, dt)
+        # both heads as one [O, H] matrix (10 raw outputs, then the colour head's 3) for the one-pass output layer
+        outs = [(self.w_out_t, self.b_out)] + ([(self.w_col_t, self.b_col)] if self.has_color else [])
+        self.head_w = torch.cat([w.t() for w, _ in outs]).contiguous()  # [10 (+3), H] in the MLP dtype
+        self.head_b = torch.cat([b for _, b in outs]).contiguous()  # [10 (+3)] float32
+        # First and last layers through flashavatar.ops.mlp_input / mlp_head (one pass over memory each) on a GPU
+        # in bf16/fp16: at batch 64 of uv 128 the torch ops took 0.82 + 0.29 ms of a 2.5 ms MLP. On the CPU the
+        # torch path stays (same values; tests switch this on there to check the ops' branch).
+        from .ops import _ext
+
+        self.mlp_layer_ops = dt != f32 and self.device.type == "cuda" and _ext.cuda_compiled()
         self._fused_relu = self.device.type == "cuda" and _has_fused_addmm_relu(self.device, dt)
         # the MLP as one kernel when asked for (the same roundings as the GEMMs below: weights and biases in the
         # MLP dtype, the biases then widened to float32 for the kernel's epilogue)
@@ -341,9 +351,6 @@ class Animator:
         if self.fused_mlp:
             self.mlp_w_hidden = torch.stack([w.t() for w, _ in self.hidden]).contiguous()  # [L, H, H] [out, in]
             self.mlp_b_hidden = torch.stack([b.to(f32) for _, b in self.hidden]).contiguous()  # [L, H]
-            outs = [(self.w_out_t, self.b_out)] + ([(self.w_col_t, self.b_col)] if self.has_color else [])
-            self.mlp_w_all = torch.cat([w.t() for w, _ in outs]).contiguous()  # [10 (+3), H]
-            self.mlp_b_all = torch.cat([b for _, b in outs]).contiguous()  # [10 (+3)] float32
 
         # per-Gaussian constants
         self.barycentrics = a.barycentrics.to(f32)  # [N, 3]
@@ -473,11 +480,13 @@ class Animator:
         if self.fused_mlp:
             from .ops.mlp import fused_mlp
 
-            both = fused_mlp(self.h_pe, c, self.mlp_w_hidden, self.mlp_b_hidden, self.mlp_w_all, self.mlp_b_all)
+            both = fused_mlp(self.h_pe, c, self.mlp_w_hidden, self.mlp_b_hidden, self.head_w, self.head_b)
             if not self.has_color:
                 return torch.tanh_(both), None  # [B, N, 10]
             return (torch.tanh(both[..., :10]),  # [B, N, 10], [B, N, 3]
                     torch.tanh(both[..., 10:]).mul_(self.color_offset))
+        if self.mlp_layer_ops:
+            return self._mlp_with_layer_ops(c)
         out = torch.empty(B, N, 10, dtype=torch.float32, device=c.device)
         color = torch.empty(B, N, 3, dtype=torch.float32, device=c.device) if self.has_color else None
         # (frame, Gaussian) rows in chunks of about mlp_rows: a chunk's activations (mlp_rows x 256 x 2 B in bf16,
@@ -489,15 +498,39 @@ class Animator:
             color = torch.tanh_(color).mul_(self.color_offset)
         return torch.tanh_(out), color
 
-    def _mlp_chunk(self, c: Tensor, gauss: slice, out: Tensor, color: Tensor | None = None) -> None:
-        """Pre-tanh outputs of frames ``c [b, H]`` (their per-frame first-layer parts) and Gaussians ``gauss``,
-        written into ``out [b * n, 10]`` and (colour head) ``color [b * n, 3]`` (float32, contiguous)."""
-        h = torch.relu_(self.h_pe[None, gauss] + c[:, None]).view(out.shape[0], -1)  # [b*n, H]
+    def _hidden_layers(self, h: Tensor) -> Tensor:
+        """``[rows, H]`` activations through the hidden layers (in the MLP dtype)."""
         for w_t, b in self.hidden:
             if self._fused_relu:  # cuBLASLt bias + ReLU epilogue: one pass over the activations instead of two
                 h = torch._addmm_activation(b, h, w_t)
             else:
                 h = torch.relu_(torch.addmm(b, h, w_t))
+        return h
+
+    def _mlp_with_layer_ops(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:meth:`mlp_outputs` with the first and last layers as ``flashavatar.ops.mlp_input`` / ``mlp_head``
+        (``c [B, H]``: the frames' halves of the first layer, in the MLP dtype)."""
+        from .ops.mlp import mlp_head, mlp_input
+
+        B, N, O = c.shape[0], self.n_gaussians, self.head_w.shape[0]
+        chunks = mlp_chunks(B, N, self.mlp_rows)
+        both = None if len(chunks) == 1 else torch.empty(B, N, O, dtype=torch.float32, device=c.device)
+        for frames, gauss in chunks:
+            h = mlp_input(self.h_pe[gauss], c[frames])  # [b, n, H]
+            b, n = h.shape[:2]
+            y = mlp_head(self._hidden_layers(h.view(b * n, -1)), self.head_w, self.head_b, apply_tanh=True)
+            if both is None:
+                both = y.view(B, N, O)  # [B, N, 10 (+3)]
+            else:
+                both[frames, gauss] = y.view(b, n, O)
+        if not self.has_color:
+            return both, None
+        return both[..., :10].contiguous(), both[..., 10:].mul(self.color_offset)  # [B, N, 10], [B, N, 3]
+
+    def _mlp_chunk(self, c: Tensor, gauss: slice, out: Tensor, color: Tensor | None = None) -> None:
+        """Pre-tanh outputs of frames ``c [b, H]`` (their per-frame first-layer parts) and Gaussians ``gauss``,
+        written into ``out [b * n, 10]`` and (colour head) ``color [b * n, 3]`` (float32, contiguous)."""
+        h = self._hidden_layers(torch.relu_(self.h_pe[None, gauss] + c[:, None]).view(out.shape[0], -1))  # [b*n, H]
         self._output_layer(h, self.w_out_t, self.w_out_t32, self.b_out, out)
         if color is not None:
             self._output_layer(h, self.w_col_t, self.w_col_t32, self.b_col, color)

@@ -367,14 +367,15 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
     if (old >= 0) nxt[__popc(losers) + __popc(evicted & below)] = old;
     if (lane == 0) s_count = __popc(losers) + __popc(evicted);
   };
-  // Lower bounds of the blocks' prices, taken again (pruned scans; between barriers, prices unchanged).
+  // Lower bound of block b's prices taken again by one warp (every lane calls it; prices >= 0).
+  auto retake_price_lo = [&](int b) {
+    const int j = b * kBlockObjects + lane;
+    const unsigned lo = __reduce_min_sync(kFullMask, j < n ? __float_as_uint(float_down(price[j])) : 0x7f800000u);
+    if (lane == 0) price_lo[b] = __uint_as_float(lo);
+  };
+  // Every block's bound, the warps sharing the blocks (pruned scans; between barriers, prices unchanged).
   auto refresh_price_lo = [&] {
-    for (int b = warp; b < nblocks; b += kWarps) {
-      const int j = b * kBlockObjects + lane;
-      const unsigned key = j < n ? __float_as_uint(float_down(price[j])) : 0x7f800000u;  // prices >= 0
-      const unsigned lo = __reduce_min_sync(kFullMask, key);
-      if (lane == 0) price_lo[b] = __uint_as_float(lo);
-    }
+    for (int b = warp; b < nblocks; b += kWarps) retake_price_lo(b);
   };
   auto scan_min_pair = [&](const Person<DIM, scalar_t>& pa, const Person<DIM, scalar_t>& pb, double& ma,
                            double& mb) {
@@ -460,10 +461,7 @@ __global__ void __launch_bounds__(kBlock) auction_kernel(const scalar_t* __restr
               if (lane == 0) old = take(i, j, bid_price(bt, price[j], eps));
               old = __shfl_sync(kFullMask, old, 0);
               __syncwarp();  // the new price is seen by the lanes: the block's price bound taken again
-              const int b = j / kBlockObjects, jb = b * kBlockObjects + lane;
-              const unsigned lo = __reduce_min_sync(
-                  kFullMask, jb < n ? __float_as_uint(float_down(price[jb])) : 0x7f800000u);  // prices >= 0
-              if (lane == 0) price_lo[b] = __uint_as_float(lo);
+              retake_price_lo(j / kBlockObjects);
               __syncwarp();
               i = old;
             } while (old >= 0 && rounds - 1 + chain < max_iter);
@@ -700,10 +698,8 @@ EmdOutputs emd_forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, cons
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   // the assignment solver works on the objects in kd order (emd.h; restored at the end)
-  const bool reorder = assignment;
-  const at::Tensor order = reorder ? kd_leaf_order(y_in, kBlockObjects) : at::Tensor();
-  const at::Tensor y = reorder ? y_in.gather(1, order.unsqueeze(-1).expand({nb, n, x.size(2)})).contiguous()
-                              : y_in.contiguous();
+  const at::Tensor order = kd_leaf_order(y_in, kBlockObjects);
+  const at::Tensor y = y_in.gather(1, order.unsqueeze(-1).expand({nb, n, x.size(2)})).contiguous();
   const auto f64 = x.options().dtype(at::kDouble), i32 = x.options().dtype(at::kInt);
   at::Tensor price = at::empty({nb, n}, f64), sigma = at::empty({nb, n}, i32), owner = at::empty({nb, n}, i32),
              best_bits = at::empty({nb, n}, x.options().dtype(at::kLong)), winner = at::empty({nb, n}, i32),
@@ -768,7 +764,7 @@ EmdOutputs emd_forward_cuda(const at::Tensor& x_in, const at::Tensor& y_in, cons
   plan_weight.narrow(1, 0, n).fill_(1.0 / static_cast<double>(n));
   const double inv_n = 1.0 / static_cast<double>(n);
   at::Tensor g = -price;
-  if (reorder) restore_object_order(order, plan_index, g);
+  restore_object_order(order, plan_index, g);
   return {primal * inv_n, plan_index, plan_weight, row_min, g, status, gap * inv_n, rounds};
 }
 

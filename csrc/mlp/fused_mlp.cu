@@ -5,9 +5,11 @@
 // first layer's inputs are read, and only the outputs are written.
 //
 // Measured (H200, uv 128, bf16, graph replay; benchmarks/NOTES_end_to_end.md): level with cuBLAS, not faster:
-// 2.53 ms at batch 64 (242 TFLOP/s) against 2.48, 0.064 ms at batch 1 against 0.066. So the Animator keeps the
-// GEMMs by default (fused_mlp=False). This kernel is now bound by its own issue rate: one block per SM (198 KB),
-// 8 warps, no overlap of the next k-step's fragment loads with the MMAs, 32-bit shared loads instead of ldmatrix.
+// 2.53 ms at batch 64 (242 TFLOP/s) against 2.48, 0.064 ms at batch 1 against 0.066; since the first and last
+// layers became their own one-pass ops (mlp_layers.cu) the unfused path takes 1.71 ms against this kernel's 2.57.
+// So the Animator keeps the GEMMs by default (fused_mlp=False). This kernel is now bound by its own issue rate:
+// one block per SM (198 KB), 8 warps, no overlap of the next k-step's fragment loads with the MMAs, 32-bit shared
+// loads instead of ldmatrix.
 // Next: ldmatrix.x4 fragments, k-slices of the weights double-buffered (so two blocks fit per SM), then wgmma.
 //
 // Block: 256 threads = 8 warps over a 128 x 256 output tile, warp w computing rows 32 (w % 4) .. + 32 and columns
@@ -26,6 +28,7 @@
 #include <cstring>
 
 #include "mlp/fused_mlp.h"
+#include "mlp/mma.cuh"
 
 namespace flashavatar {
 namespace {
@@ -36,57 +39,6 @@ constexpr int kThreads = 256;     // 8 warps
 constexpr int kStride = kH + 8;   // shared-memory row stride, elements
 constexpr int kOutRows = 16;      // the output layer's weight rows in shared memory (zero beyond O)
 constexpr size_t kSmemBytes = size_t(kRows + kH) * kStride * 2;  // 202,752 B
-
-template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    return u;
-  }
-  static __device__ __forceinline__ float2 unpack(uint32_t u) {
-    __nv_bfloat162 v;
-    memcpy(&v, &u, 4);
-    return __bfloat1622float2(v);
-  }
-};
-
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    return u;
-  }
-  static __device__ __forceinline__ float2 unpack(uint32_t u) {
-    __half2 v;
-    memcpy(&v, &u, 4);
-    return __half22float2(v);
-  }
-};
 
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

@@ -83,6 +83,7 @@ struct Params {
   int B, C, N, K, D, W, H, tiles_x, tiles_y, sh_degree;
   float near_plane, far_plane, eps2d;
   int capacity;
+  int64_t colors_bstride;  // elements from one set's colours to the next: N K D, or 0 (one set shared by all)
 };
 
 struct AtomicAdd {
@@ -153,7 +154,8 @@ __global__ void project_kernel(Params p, const float* __restrict__ means,  // [B
                                const float* __restrict__ quats,            // [B, N, 4]
                                const float* __restrict__ scales,           // [B, N, 3]
                                const float* __restrict__ opac,             // [B, N]
-                               const float* __restrict__ colors,           // [B, N, K, D]
+                               const float* __restrict__ colors,           // [B, N, K, D] (batch stride
+                                                                           // p.colors_bstride)
                                const float* __restrict__ viewmats,         // [B*C, 16]
                                const float* __restrict__ Ks,               // [B*C, 9]
                                int32_t* __restrict__ radii,                // [B*C*N]
@@ -218,7 +220,7 @@ __global__ void project_kernel(Params p, const float* __restrict__ means,  // [B
   // depth >= near > 0, so the float's bits order like the float.
   depth_keys[idx] = (uint64_t(img) << 32) | uint64_t(__float_as_uint(pr.depth));
   float* out = colors_eval + idx * p.D;
-  const float* cin = colors + g * p.K * p.D;
+  const float* cin = colors + b * p.colors_bstride + int64_t(n) * p.K * p.D;
   if (p.sh_degree >= 0) {
     const Vec3<float> cam = raster::camera_center(vm);
     const Vec3<float> dir{means[3 * g] - cam.x, means[3 * g + 1] - cam.y, means[3 * g + 2] - cam.z};
@@ -382,13 +384,19 @@ struct FwdArgs {
   int32_t* part_info;         // [n_slots * 256 + B*C*H*W] (split forward only, else null)
 };
 
-// A batch of up to 256 list entries staged in shared memory: mean and opacity, conic, depth, colour channels.
+// A batch of up to 256 list entries staged in shared memory, packed so that the blend loop's test of an entry is
+// two 16-byte broadcast loads (six 4-byte ones before; see render_fwd_kernel for what it gained):
+// geo0 = (mean x, mean y, opacity, conic a), geo1 = (conic b, conic c, depth, unused), then the colour channels
+// (RGB padded to 4, one more 16-byte load for a contributing entry).
+template <int MAXD>
+constexpr int col_stride() {
+  return MAXD == 3 ? 4 : MAXD;
+}
 template <int MAXD>
 struct FwdBatch {
-  float3 xyo[kBlock];
-  float3 con[kBlock];
-  float z[kBlock];
-  float col[kBlock * MAXD];
+  float4 geo0[kBlock];
+  float4 geo1[kBlock];
+  alignas(16) float col[kBlock * col_stride<MAXD>()];
 };
 
 // Thread tid stages list entry i (if i < end) with channels ch_off .. ch_off + nch - 1.
@@ -399,13 +407,25 @@ __device__ __forceinline__ void stage_fwd_entry(const Params& p, const FwdArgs& 
   float o;
   const int flat = list_entry(p, l, img, i, a.sorted_ids, a.isect, a.radii, a.opac, o);
   const float2 m = a.means2d[flat];
-  s.xyo[tid] = make_float3(m.x, m.y, o);
-  s.con[tid] = make_float3(a.conics[3 * flat], a.conics[3 * flat + 1], a.conics[3 * flat + 2]);
-  s.z[tid] = a.depths[flat];
+  const float* con = a.conics + 3 * int64_t(flat);
+  s.geo0[tid] = make_float4(m.x, m.y, o, con[0]);
+  s.geo1[tid] = make_float4(con[1], con[2], a.depths[flat], 0.f);
   const float* cp = a.colors_eval + int64_t(flat) * p.D + ch_off;
 #pragma unroll
   for (int c = 0; c < MAXD; ++c)
-    if (c < nch) s.col[tid * MAXD + c] = cp[c];
+    if (c < nch) s.col[tid * col_stride<MAXD>() + c] = cp[c];
+}
+
+// Colour channels of staged entry j.
+template <int MAXD>
+__device__ __forceinline__ void staged_colors(const FwdBatch<MAXD>& s, int j, float (&cv)[MAXD]) {
+  if constexpr (MAXD == 3) {
+    const float4 v = reinterpret_cast<const float4*>(s.col)[j];
+    cv[0] = v.x, cv[1] = v.y, cv[2] = v.z;
+  } else {
+#pragma unroll
+    for (int c = 0; c < MAXD; ++c) cv[c] = s.col[j * MAXD + c];
+  }
 }
 
 // A pixel's blend state: transmittance, depth and colour sums, list position after its last contributor.
@@ -433,10 +453,9 @@ __device__ __forceinline__ void blend_batch(const FwdBatch<MAXD>& s, int nb, int
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = min(j0 + u, nb - 1);  // past the batch: an entry of it, discarded below (no stale reads)
-      const float3 xyo = s.xyo[j];
-      const float3 co = s.con[j];
+      const float4 g0 = s.geo0[j], g1 = s.geo1[j];
       float vis;
-      al[u] = raster::gaussian_alpha(Sym2<float>{co.x, co.y, co.z}, xyo.z, fx - xyo.x, fy - xyo.y, vis);
+      al[u] = raster::gaussian_alpha(Sym2<float>{g0.w, g1.x, g1.y}, g0.z, fx - g0.x, fy - g0.y, vis);
       if (j0 + u >= nb) al[u] = 0.f;  // fails the 1/255 test
     }
 #pragma unroll
@@ -450,10 +469,12 @@ __device__ __forceinline__ void blend_batch(const FwdBatch<MAXD>& s, int nb, int
       }
       const int j = j0 + u;
       const float w = al[u] * st.T;
+      float cv[MAXD];
+      staged_colors(s, j, cv);
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
-        if (c < nch) st.c[c] += w * s.col[j * MAXD + c];
-      st.z += w * s.z[j];
+        if (c < nch) st.c[c] += w * cv[c];
+      st.z += w * s.geo1[j].z;
       st.T = next;
       st.last = base + j + 1;
     }
@@ -511,8 +532,13 @@ __device__ __forceinline__ void write_fwd_outputs(const Params& p, const FwdArgs
     store_record(final_record(p, a, pix), st, ch_off, nch, false);
 }
 
+constexpr int kIlp = 4;  // alphas computed ahead of the serial blend (blend_batch)
+
 // One block per tile walks its whole list: many images (no chunk state), D > 32 (channel chunks), or
-// FLASHAVATAR_RAST_FWD=single. Its blend loop is the original one (blend_batch with U = 1).
+// FLASHAVATAR_RAST_FWD=single. H200, 64 images of the untrained uv-128 avatar: 2.25 ms with six 4-byte shared
+// loads per test and a 1-ahead loop, 1.97 ms with the packed batch, 1.91 ms with kIlp alphas ahead. Two pixels per
+// thread (128 threads, each entry's geometry read once per two pixels) measured slower: 2.35 / 2.91 ms (1 / 4
+// ahead; benchmarks/results/profile_batch_h200.md).
 template <int MAXD>
 __global__ void __launch_bounds__(kBlock) render_fwd_kernel(Params p, int ch_off, int nch, FwdArgs a) {
   __shared__ FwdBatch<MAXD> s;
@@ -534,7 +560,7 @@ __global__ void __launch_bounds__(kBlock) render_fwd_kernel(Params p, int ch_off
       store_record(boundary_record(p, a, l, base, tid), st, ch_off, nch, true);
     stage_fwd_entry(p, a, l, img, base + tid, l.count, tid, ch_off, nch, s);
     __syncthreads();
-    if (!done) blend_batch<MAXD, 1>(s, min(kBlock, l.count - base), base, nch, fx, fy, st, done);
+    if (!done) blend_batch<MAXD, kIlp>(s, min(kBlock, l.count - base), base, nch, fx, fy, st, done);
   }
   if (!inside) return;
   write_fwd_outputs(p, a, l, img, (int64_t(img) * p.H + py) * p.W + px, ch_off, nch, st);
@@ -542,8 +568,6 @@ __global__ void __launch_bounds__(kBlock) render_fwd_kernel(Params p, int ch_off
 
 // ---- Split forward: a tile's list in up to grid_chunks parts (whole 256-entry chunks), one block each, then a
 // combine pass (rasterizer.cu top). Only with the chunk state kept and D <= 32 (one channel chunk).
-constexpr int kIlp = 4;  // alphas computed ahead of the serial blend (blend_batch)
-
 // Parts of the tile's list: one for short lists (<= 256 entries) and overflowed images.
 __device__ __forceinline__ int split_parts(const FwdArgs& a, const TileList& l, int grid_chunks) {
   if (l.overflow || a.chunk_state == nullptr) return 1;
@@ -1103,7 +1127,8 @@ __global__ void project_bwd_kernel(Params p, const float* __restrict__ means, co
     const Vec3<float> cam = raster::camera_center(vm);
     const Vec3<float> dir{means[3 * g] - cam.x, means[3 * g + 1] - cam.y, means[3 * g + 2] - cam.z};
     const Vec3<float> gdir = raster::sh_colors_vjp<float, AtomicAdd>(
-        p.sh_degree, dir, colors + g * p.K * p.D, p.D, v_colors_eval + idx * p.D, d_colors + g * p.K * p.D);
+        p.sh_degree, dir, colors + b * p.colors_bstride + int64_t(n) * p.K * p.D, p.D, v_colors_eval + idx * p.D,
+        d_colors + g * p.K * p.D);
     dm[0] += gdir.x;
     dm[1] += gdir.y;
     dm[2] += gdir.z;
@@ -1157,6 +1182,9 @@ Params make_params(const at::Tensor& means, const at::Tensor& colors, const at::
   p.far_plane = float(far_plane);
   p.eps2d = float(eps2d);
   p.capacity = int(capacity);
+  // SH / colours of one set expanded over the batch (the Animator's per-Gaussian SH) are read in place
+  const bool shared = colors.size(0) > 1 && colors.stride(0) == 0;
+  p.colors_bstride = shared ? 0 : colors.size(1) * colors.size(2) * colors.size(3);
   return p;
 }
 
@@ -1187,7 +1215,7 @@ RasterFwdOut rasterize_fwd_cuda(const at::Tensor& means, const at::Tensor& quats
                                 double eps2d, int64_t capacity) {
   const char* op = "flashavatar::rasterize_fwd";
   const int64_t D = rasterize_check_inputs(op, means, quats, scales, opacities, colors, viewmats, Ks, backgrounds,
-                                           width, height, sh_degree);
+                                           width, height, sh_degree, /*colors_may_be_shared=*/true);
   FA_CHECK(op, means.scalar_type() == at::kFloat, "the CUDA path computes in float32; got means of dtype ",
            means.scalar_type(), " (the Python wrapper casts for you)");
   FA_CHECK(op, capacity >= 1 && capacity < (int64_t(1) << 31), "capacity must be in [1, 2^31), got ", capacity);
@@ -1374,7 +1402,7 @@ RasterBwdOut rasterize_bwd_cuda(const at::Tensor& means, const at::Tensor& quats
                                 const c10::optional<at::Tensor>& grad_depth) {
   const char* op = "flashavatar::rasterize_bwd";
   const int64_t D = rasterize_check_inputs(op, means, quats, scales, opacities, colors, viewmats, Ks, backgrounds,
-                                           width, height, sh_degree);
+                                           width, height, sh_degree, /*colors_may_be_shared=*/true);
   FA_CHECK(op, means.scalar_type() == at::kFloat, "the CUDA path computes in float32");
   (void)alpha;
   at::globalContext().alertNotDeterministic("flashavatar::rasterize_bwd (CUDA, uses atomicAdd)");

@@ -45,7 +45,7 @@ int64_t rasterize_check_inputs(const char* op, const at::Tensor& means, const at
                                const at::Tensor& scales, const at::Tensor& opacities, const at::Tensor& colors,
                                const at::Tensor& viewmats, const at::Tensor& Ks,
                                const c10::optional<at::Tensor>& backgrounds, int64_t width, int64_t height,
-                               int64_t sh_degree);
+                               int64_t sh_degree, bool colors_may_be_shared = false);
 
 RasterFwdOut rasterize_fwd_cpu(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
                                const at::Tensor& opacities, const at::Tensor& colors, const at::Tensor& viewmats,

@@ -24,7 +24,7 @@ int64_t rasterize_check_inputs(const char* op, const at::Tensor& means, const at
                                const at::Tensor& scales, const at::Tensor& opacities, const at::Tensor& colors,
                                const at::Tensor& viewmats, const at::Tensor& Ks,
                                const c10::optional<at::Tensor>& backgrounds, int64_t width, int64_t height,
-                               int64_t sh_degree) {
+                               int64_t sh_degree, bool colors_may_be_shared) {
   FA_CHECK(op, means.dim() == 3 && means.size(2) == 3, "means must have shape [B, N, 3], got ",
            sizes_str(means));
   const int64_t B = means.size(0), N = means.size(1);
@@ -61,7 +61,10 @@ int64_t rasterize_check_inputs(const char* op, const at::Tensor& means, const at
              ") must have the dtype of means (", means.scalar_type(), ")");
     FA_CHECK(op, all[i]->device() == means.device(), names[i], " (", all[i]->device(),
              ") must be on the device of means (", means.device(), ")");
-    FA_CHECK(op, all[i]->is_contiguous(), names[i], " must be contiguous");
+    // colors may also be one set expanded over the batch (stride 0) where the caller reads it so (CUDA)
+    const bool shared =
+        colors_may_be_shared && i == 4 && B > 1 && colors.stride(0) == 0 && colors[0].is_contiguous();
+    FA_CHECK(op, all[i]->is_contiguous() || shared, names[i], " must be contiguous");
   }
   if (backgrounds.has_value() && backgrounds->defined()) {
     const at::Tensor& bg = *backgrounds;

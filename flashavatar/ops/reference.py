@@ -239,3 +239,14 @@ def fused_mlp_reference(h_pe: Tensor, cond: Tensor, w_hidden: Tensor, b_hidden: 
     for w, b in zip(w_hidden, b_hidden):
         h = torch.relu(h.to(f32) @ w.to(f32).T + b).to(dt)
     return h.to(f32) @ w_out.to(f32).T + b_out
+
+
+def mlp_input_reference(h_pe: Tensor, cond: Tensor) -> Tensor:
+    """``[B, N, H]``: what ``flashavatar.ops.mlp_input`` computes (``h_pe [N, H]``, ``cond [B, H]``)."""
+    return torch.relu(h_pe.float()[None] + cond.float()[:, None]).to(h_pe.dtype)
+
+
+def mlp_head_reference(h: Tensor, w: Tensor, b: Tensor, apply_tanh: bool = False) -> Tensor:
+    """``[R, O]`` float32: what ``flashavatar.ops.mlp_head`` computes (``h [R, H]``, ``w [O, H]``, ``b [O]``)."""
+    out = h.float() @ w.float().T + b
+    return torch.tanh(out) if apply_tanh else out
