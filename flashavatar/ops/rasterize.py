@@ -365,8 +365,8 @@ def rasterize_gaussians(
     m, q, s, o, vm, k = (_prep(t, dtype) for t in (means, quats, scales, opacities, viewmats, Ks))
     # One colour / SH set expanded over a batch dim (the Animator's per-Gaussian SH) goes to the CUDA kernels as it
     # is: they read it in place (64 frames of a uv-128 avatar: a 178 MB copy less per call).
-    shared = (device.type == "cuda" and len(batch) == 1 and colors.dtype == dtype and colors.stride(0) == 0
-              and colors[0].is_contiguous())
+    shared = (device.type == "cuda" and len(batch) == 1 and colors.shape[0] > 1 and colors.dtype == dtype
+              and colors.stride(0) == 0 and colors[0].is_contiguous())
     col = colors if shared else _prep(colors, dtype)
     bg = None if backgrounds is None else _prep(backgrounds, dtype)
 
