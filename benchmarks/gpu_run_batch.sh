@@ -2,13 +2,11 @@
 # Device calls of the eighth H200 session (issue 6: batch-64 throughput). From the repository root; logs to $OUT.
 #   profile  build; per-kernel split of a batch-1 and a batch-64 render (untrained uv-128 avatar, bf16) and the
 #            MLP's hidden layer in bf16 / fp8 variants (benchmarks/profile_batch.py)
-#   check    build; the same profile (the MLP's first / last layers as ops, the blend's packed staging), the
-#            batch-64 split again with the 4-ahead blend loop (FLASHAVATAR_RAST_FWD_ILP=4), then the whole suite
-#   pair     build; the rasteriser's CUDA tests, then the kernel split with the two-pixel single-block forward
-#            (1-ahead and 4-ahead blend loops)
 #   final    build; the whole suite; the batch-64 kernel split; `bench_end_to_end.py` (untrained uv 128 and 256,
 #            bf16, batches 1/16/64); the EMD benchmark at N = 4096 (after the emd.cu clean-up)
 #   raster   build; the rasteriser's and the MLP layer ops' tests
+# The blend variants of results/profile_batch_h200.md (1 / 4 alphas ahead, two pixels per thread) were compared
+# through a temporary build-time switch (FLASHAVATAR_RAST_FWD_ILP), removed once the 4-ahead kernel was kept.
 set -o pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_setup.sh  # OUT, WORK, environment, peer wheels, `el`, build
@@ -19,20 +17,6 @@ profile() {  # name, extra args
 }
 if [ "${1:-profile}" = profile ]; then
   profile base
-elif [ "$1" = check ]; then
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/test_mlp_layers.py -k cuda 2>&1 | tail -3
-  el "mlp layer tests"
-  LINES_SHOWN=52 profile ops
-  FLASHAVATAR_RAST_FWD_ILP=4 LINES_SHOWN=14 profile ilp4 --batch-sizes 64 --kernels-only
-  timeout 330 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests >"$OUT/pytest_all.log" 2>&1
-  el "pytest rc=$?"; tail -2 "$OUT/pytest_all.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_all.log" | head -20
-elif [ "$1" = pair ]; then
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_rasterize_cuda.py \
-    >"$OUT/pytest_raster_pair.log" 2>&1
-  el "raster tests rc=$?"; tail -1 "$OUT/pytest_raster_pair.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_raster_pair.log" | head
-  for u in 1 4; do
-    FLASHAVATAR_RAST_FWD_ILP=$u LINES_SHOWN=30 profile pair_ilp$u --batch-sizes 1 64 --kernels-only
-  done
 elif [ "$1" = final ]; then
   timeout 330 python3 -m pytest -q -p no:cacheprovider -rfE --tb=short tests >"$OUT/pytest_all.log" 2>&1
   el "pytest rc=$?"; tail -1 "$OUT/pytest_all.log"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_all.log" | head -20

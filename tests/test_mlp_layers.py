@@ -79,13 +79,11 @@ def test_fake_kernels_give_the_shapes():
 
 
 def _avatar(tmp_path, **kwargs):
-    """A GaussianAvatar on the procedural head whose MLP output is not near zero (perturbed parameters)."""
-    from flashavatar.model import FLAME, GaussianAvatar
-    from flashavatar.model.synthetic import write_head_model
+    """test_fused_mlp's avatar on the procedural head, its MLP output not near zero (perturbed parameters)."""
+    from test_fused_mlp import _avatar as head_avatar
 
-    path = write_head_model(tmp_path)
     torch.manual_seed(0)
-    a = GaussianAvatar(FLAME(path), path.parent / "head_template.obj", **kwargs)
+    a = head_avatar(tmp_path, **kwargs)
     with torch.no_grad():
         for p in a.parameters():
             p.add_(0.05 * torch.randn_like(p))
