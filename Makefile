@@ -19,10 +19,19 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.
 
 setup: $(VENV)/.deps
 
+# The CUDA build of torch takes about 5.5 GB in the venv; the extension's build about 0.3 GB more.
+NEED_FREE_GB ?= 7
+
 $(VENV)/.deps: pyproject.toml
+	@free_kb=$$(df -Pk $(dir $(VENV)) | awk 'NR == 2 {print $$4}'); \
+	if [ "$$free_kb" -lt $$(( $(NEED_FREE_GB) * 1024 * 1024 )) ]; then \
+	  echo "setup: $$(( free_kb / 1024 / 1024 )) GB free on the disk of $(abspath $(dir $(VENV))); the venv (torch's CUDA build)" \
+	       "and the build need about $(NEED_FREE_GB) GB. Free some space (or set NEED_FREE_GB) and run again." >&2; \
+	  df -h $(dir $(VENV)) >&2; exit 1; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel ninja
-	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q --no-cache-dir "$(TORCH_SPEC)"  # no second copy of a multi-GB wheel in pip's cache
 	$(PIP) install -q numpy scipy pyyaml tqdm "imageio>=2.30" imageio-ffmpeg pillow plyfile \
 	    pytest pytest-benchmark pot
 	touch $@

@@ -38,6 +38,8 @@ from .model.avatar import (frame_sh, irradiance_from_matrix, irradiance_matrix, 
                            triangle_normals)
 from .model.camera import rot6d_to_matrix
 from .model.flame import FlameCodes, kinematic_chain
+from .ops import _ext, flame_lbs, gaussian_assembly, rasterize_gaussians
+from .ops.mlp import fused_mlp, fused_mlp_supported, mlp_head, mlp_input
 
 __all__ = ["Animator", "GraphedRenderer", "MLP_DTYPES"]
 
@@ -203,8 +205,6 @@ def matrix_to_quat_fast(R: Tensor, *, transposed: bool = False, tables: tuple[Te
 
 def _fused_assembly_available(device: torch.device) -> bool:
     """Whether the compiled ``gaussian_assembly`` op runs on ``device`` (meta: through its fake kernel)."""
-    from .ops import _ext
-
     if not _ext.available():
         return False
     return device.type in ("cpu", "meta") or (device.type == "cuda" and _ext.cuda_compiled())
@@ -333,14 +333,10 @@ class Animator:
         # First and last layers through flashavatar.ops.mlp_input / mlp_head (one pass over memory each) on a GPU
         # in bf16/fp16: at batch 64 of uv 128 the torch ops took 0.82 + 0.29 ms of a 2.5 ms MLP. On the CPU the
         # torch path stays (same values; tests switch this on there to check the ops' branch).
-        from .ops import _ext
-
         self.mlp_layer_ops = dt != f32 and self.device.type == "cuda" and _ext.cuda_compiled()
         self._fused_relu = self.device.type == "cuda" and _has_fused_addmm_relu(self.device, dt)
         # the MLP as one kernel when asked for (the same roundings as the GEMMs below: weights and biases in the
         # MLP dtype, the biases then widened to float32 for the kernel's epilogue)
-        from .ops.mlp import fused_mlp_supported
-
         want = bool(self._fused_mlp_arg)
         can_fuse_mlp = want and self.h_pe.shape[1] == 256 and fused_mlp_supported(self.device, dt)
         if want and not can_fuse_mlp:
@@ -432,8 +428,6 @@ class Animator:
             raise ValueError(f"Animator: jaw {tuple(c.jaw.shape)}, eyes {tuple(c.eyes.shape)}, eyelids "
                              f"{tuple(c.eyelids.shape)} must be [{B}, 6], [{B}, 12], [{B}, 2]")
         if self.fused_flame and self.flat_chain:
-            from .ops import flame_lbs
-
             return flame_lbs(shape, expr, c.jaw.to(f32), c.eyes.to(f32), c.eyelids.to(f32), self.flame_dirs,
                              self.flame_base, self.lbs_weights, self.eyelid_dirs, self.has_eyelids)
         return self._vertices_fn(shape, expr, c.jaw.to(f32), c.eyes.to(f32), c.eyelids.to(f32))
@@ -478,8 +472,6 @@ class Animator:
         B, N = cond.shape[0], self.n_gaussians
         c = (cond.to(torch.float32) @ self.w_cond_t).to(self.mlp_dtype)  # [B, H]
         if self.fused_mlp:
-            from .ops.mlp import fused_mlp
-
             both = fused_mlp(self.h_pe, c, self.mlp_w_hidden, self.mlp_b_hidden, self.head_w, self.head_b)
             if not self.has_color:
                 return torch.tanh_(both), None  # [B, N, 10]
@@ -510,8 +502,6 @@ class Animator:
     def _mlp_with_layer_ops(self, c: Tensor) -> tuple[Tensor, Tensor | None]:
         """:meth:`mlp_outputs` with the first and last layers as ``flashavatar.ops.mlp_input`` / ``mlp_head``
         (``c [B, H]``: the frames' halves of the first layer, in the MLP dtype)."""
-        from .ops.mlp import mlp_head, mlp_input
-
         B, N, O = c.shape[0], self.n_gaussians, self.head_w.shape[0]
         chunks = mlp_chunks(B, N, self.mlp_rows)
         both = None if len(chunks) == 1 else torch.empty(B, N, O, dtype=torch.float32, device=c.device)
@@ -553,8 +543,6 @@ class Animator:
             raise ValueError(f"Animator.assemble: verts {tuple(verts.shape)} / raw {tuple(raw.shape)}, expected "
                              f"[{B}, {self.n_used}, 3] / [{B}, {N}, 10]")
         if self.fused_assembly:
-            from .ops import gaussian_assembly
-
             means, quats, scales, _ = gaussian_assembly(verts, self.local_faces_i32, self.barycentrics, self.rotation,
                                                         self.log_scale, raw, offset_scale=self.offset_scale,
                                                         parity=self.parity)
@@ -621,8 +609,6 @@ def rasterize_with(rasterizer, g: dict[str, Any], viewmats: Tensor, Ks: Tensor, 
                    backgrounds: Tensor | None = None, check_finite: bool = False):
     """Rasterise an avatar output ``g`` with ``rasterizer`` (default: our op, validation read-back off)."""
     if rasterizer is None:
-        from .ops import rasterize_gaussians
-
         return rasterize_gaussians(g["means"], g["quats"], g["scales"], g["opacities"], g["sh"], viewmats, Ks,
                                    width, height, sh_degree=g["sh_degree"], backgrounds=backgrounds,
                                    check_finite=check_finite)
