@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from flashavatar.bench import default_head_model, frame_codes, front_camera, median_ms
+from flashavatar.bench import batch_inputs, default_head_model, frame_codes, front_camera, median_ms
 from flashavatar.io_utils import atomic_write_text
 
 
@@ -114,10 +114,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "uv_size": args.uv_size,
               "n_gaussians": avatar.n_gaussians, "kernels": {}, "mlp_layer_ms": {}}
     for b in args.batch_sizes:
-        codes = frame_codes(base, b, device, seed=b)
-        views = view.to(device).expand(b, 1, 4, 4).contiguous()
-        ks = K.to(device).expand(b, 1, 3, 3).contiguous()
-        bg = torch.tensor([0.0, 1.0, 0.0], device=device).expand(b, 1, 3).contiguous()
+        codes, views, ks, bg = batch_inputs(base, b, view, K, device)
         with torch.no_grad():
             rows = kernel_split(lambda: an.render(codes, views, ks, args.size, args.size, backgrounds=bg), device)
         print_split(f"batch {b}, uv {args.uv_size}, eager render", rows)

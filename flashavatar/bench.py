@@ -116,6 +116,17 @@ def frame_codes(base: dict[str, torch.Tensor], batch: int, device: torch.device,
     return {k: v.to(device) for k, v in out.items()}
 
 
+def batch_inputs(base: dict[str, torch.Tensor], batch: int, view: torch.Tensor, K: torch.Tensor,
+                 device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One call's inputs for ``batch`` frames seen by the camera ``view [4, 4]``, ``K [3, 3]``: (FLAME codes
+    from :func:`frame_codes`, viewmats ``[B, 1, 4, 4]``, Ks ``[B, 1, 3, 3]``, green backgrounds ``[B, 1, 3]``)."""
+    codes = frame_codes(base, batch, device, seed=batch)
+    views = view.to(device).expand(batch, 1, 4, 4).contiguous()
+    ks = K.to(device).expand(batch, 1, 3, 3).contiguous()
+    bg = torch.tensor([0.0, 1.0, 0.0], device=device).expand(batch, 1, 3).contiguous()
+    return codes, views, ks, bg
+
+
 def gsplat_rasterizer() -> tuple[Callable | None, str]:
     """gsplat's ``rasterization`` in our signature (classic mode), or ``(None, reason)``."""
     try:
@@ -244,10 +255,7 @@ def bench_avatar(avatar, base_codes: dict[str, torch.Tensor], width: int, height
         return torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
 
     for b in batch_sizes:
-        codes = frame_codes(base_codes, b, device, seed=b)
-        views = view.to(device).expand(b, 1, 4, 4).contiguous()
-        ks = K.to(device).expand(b, 1, 3, 3).contiguous()
-        bg = torch.tensor([0.0, 1.0, 0.0], device=device).expand(b, 1, 3).contiguous()
+        codes, views, ks, bg = batch_inputs(base_codes, b, view, K, device)
         cond = FlameCodes.from_any(codes).condition()
 
         def add(pipeline, dtype, graph, raster, ms, mem, **extra):
@@ -341,10 +349,7 @@ def bench_mlp_rows(avatar, base_codes: dict[str, torch.Tensor], width: int, heig
     use_graph = graphs and cuda
     out = []
     for b in batch_sizes:
-        codes = frame_codes(base_codes, b, device, seed=b)
-        views = view.to(device).expand(b, 1, 4, 4).contiguous()
-        ks = K.to(device).expand(b, 1, 3, 3).contiguous()
-        bg = torch.tensor([0.0, 1.0, 0.0], device=device).expand(b, 1, 3).contiguous()
+        codes, views, ks, bg = batch_inputs(base_codes, b, view, K, device)
         cond = FlameCodes.from_any(codes).condition()
         for dt in dtypes:
             an = Animator(avatar, mlp_dtype=dt, fused_mlp=False)  # the chunked GEMMs: the fused MLP has no chunks
@@ -387,10 +392,7 @@ def bench_compiled(avatar, base_codes: dict[str, torch.Tensor], width: int, heig
     from .model import FlameCodes
 
     view, K = front_camera(width, height)
-    codes = frame_codes(base_codes, batch, device, seed=batch)
-    views = view.to(device).expand(batch, 1, 4, 4).contiguous()
-    ks = K.to(device).expand(batch, 1, 3, 3).contiguous()
-    bg = torch.tensor([0.0, 1.0, 0.0], device=device).expand(batch, 1, 3).contiguous()
+    codes, views, ks, bg = batch_inputs(base_codes, batch, view, K, device)
     row = {"batch": batch, "pipeline": f"fast {dtype} compiled", "mlp_dtype": dtype, "graph": True,
            "rasterizer": "ours", "ms_per_call": None, "fps": None, "peak_mem_mib": None}
     st = {"batch": batch, "mlp_dtype": dtype, "mode": "graph+compile"}
