@@ -5,10 +5,12 @@ around its cuBLAS hidden layers, each one pass over memory (``torch.ops.flashava
 
 ``fused_mlp`` (``torch.ops.flashavatar.fused_mlp``) is the whole MLP over every (frame, Gaussian) row in one
 launch: each block keeps its 128 rows' activations in shared memory through all the layers and runs bf16/fp16
-tensor-core MMAs, instead of one cuBLAS GEMM per layer whose activations round-trip through memory. Shapes for ``torch.compile`` / fake tensors
-through ``register_fake``. ``flashavatar.ops.reference.fused_mlp_reference`` is the pure-torch version.
-The Animator uses it only when asked (``Animator(fused_mlp=True)``): on the H200 it is slower than ``mlp_input`` +
-the cuBLAS GEMMs + ``mlp_head`` (benchmarks/NOTES_end_to_end.md).
+tensor-core MMAs, instead of one cuBLAS GEMM per layer whose activations round-trip through memory.
+``flashavatar.ops.reference.fused_mlp_reference`` is the pure-torch version. The Animator uses it only when
+asked (``Animator(fused_mlp=True)``): on the H200 it is slower than ``mlp_input`` + the cuBLAS GEMMs +
+``mlp_head`` (benchmarks/NOTES_end_to_end.md).
+
+All three have shapes for ``torch.compile`` / fake tensors through ``register_fake``.
 """
 
 from __future__ import annotations
